@@ -1,0 +1,362 @@
+"""The ``pgolf`` command line.
+
+Errors a user can fix are printed as one message (no traceback) and exit with status 2.
+This is the only module that reads the process environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import PgolfError
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------
+# run / check / eval
+# --------------------------------------------------------------------------------------------
+
+
+def _dist_env() -> Any:
+    from .runtime import DistEnv
+
+    try:
+        return DistEnv(
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        )
+    except ValueError as e:
+        raise PgolfError(f"malformed torchrun environment: {e}") from None
+
+
+def _relaunch(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes."""
+    rest: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pgolf.registry.cli", *rest]
+    return subprocess.call(cmd)
+
+
+def _default_out(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_stack
+    from .run import prepare_data, run
+    from .train import TrainingDiverged
+
+    env = _dist_env()
+    rs = load_stack(args.stack, args.set)
+    if args.nproc and args.nproc > 1 and env.world_size == 1:
+        argv = list(args.argv)
+        if not args.out:
+            argv += ["--out", str(_default_out(rs.stack.name or Path(args.stack).stem))]
+        return _relaunch(args.nproc, argv)
+    if env.world_size > 1 and not args.out:
+        raise PgolfError("--out is required when running under torchrun (all processes must agree on it)")
+    out = Path(args.out) if args.out else _default_out(rs.stack.name or Path(args.stack).stem)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PgolfError(f"--out {str(out)!r} already exists and is not empty; choose another folder "
+                         "(nothing was changed)")
+    staging = out.parent / f".{out.name}.partial"
+    main = env.rank == 0
+    if main:
+        prepare_data(rs.stack)  # data problems surface before any folder is created
+        if staging.exists():
+            raise PgolfError(f"{str(staging)!r} exists: another run is writing {str(out)!r}, or one was "
+                             "killed; remove that folder and retry")
+        staging.mkdir(parents=True)
+    try:
+        result = run(rs, staging, env=env, console=None if args.quiet else console,
+                     estimate=not args.no_estimate)
+    except BaseException as e:
+        if main:
+            keep = isinstance(e, TrainingDiverged) or not isinstance(e, PgolfError)
+            if keep and staging.exists():
+                failed = out.parent / f"{out.name}.failed"
+                if failed.exists():
+                    shutil.rmtree(failed)
+                (staging / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
+                staging.rename(failed)
+                err_console.print(f"run failed; its log is kept in {failed}")
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if main:
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+        console.print(f"[bold]val_bpb {result.val_bpb:.6f}[/bold]  val_loss {result.val_loss:.6f}  "
+                      f"artifact {result.artifact_bytes:,} bytes ({'fits' if result.fits else 'does NOT fit'})"
+                      f"  → {out}/result.json")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .config import load_stack
+    from .model import count_params
+    from .run import build, estimate_artifact_bytes
+
+    rs = load_stack(args.stack, args.set)
+    console.print("[bold]resolved stack[/bold]")
+    console.print(rs.to_yaml().rstrip(), markup=False)
+    console.print("[bold]technique order[/bold]")
+    for i, r in enumerate(rs.techniques, 1):
+        hooks = ", ".join(r.cls.hooks) or "-"
+        note = "  (slot default)" if r.implicit else ""
+        console.print(f"  {i}. {r.name}  [dim]hooks: {hooks}{note}[/dim]")
+    import torch
+
+    n = count_params(build(rs, [r.instantiate(rs.spec) for r in rs.techniques], torch.device("meta")))
+    console.print(f"[bold]parameters[/bold] {n:,}")
+    if args.no_estimate:
+        return 0
+    est = estimate_artifact_bytes(rs)
+    verdict = "fits" if est.fits else "does NOT fit"
+    console.print(f"[bold]estimated artifact[/bold] {est.total:,} bytes = {est.model_bytes:,} model + "
+                  f"{est.code_bytes:,} code; limit {est.limit:,}: {verdict}  [dim]({est.seconds:.1f}s; "
+                  f"{est.method})[/dim]")
+    return 0 if est.fits else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .config import load_stack
+    from .export import ARTIFACT_NAME, atomic_write
+    from .run import prepare_data, score_artifact
+    from .runtime import make_runtime
+
+    run_dir = Path(args.dir)
+    stack_file = run_dir / "stack.yaml"
+    if not stack_file.is_file():
+        raise PgolfError(f"{str(run_dir)!r} is not a run folder (no stack.yaml)")
+    rs = load_stack(stack_file)
+    source = prepare_data(rs.stack)
+    runtime = make_runtime(rs.stack.train)
+    res = score_artifact(rs, run_dir / ARTIFACT_NAME, runtime, source, want_nll=args.dump_nll is not None)
+    console.print(f"val_loss {res.val_loss:.6f}  val_bpb {res.val_bpb:.6f}  tokens {res.tokens:,}  "
+                  f"bytes {res.bytes:,}  ({res.seconds:.1f}s)")
+    saved = run_dir / "result.json"
+    if saved.is_file():
+        prev = json.loads(saved.read_text())
+        console.print(f"result.json: val_bpb {prev.get('val_bpb'):.6f}  (difference "
+                      f"{res.val_bpb - float(prev.get('val_bpb', float('nan'))):+.2e})")
+    if args.dump_nll is not None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, res.nll)
+        atomic_write(Path(args.dump_nll), buf.getvalue())
+        console.print(f"per-token NLL (nats, {res.tokens:,} float32 values in stream order) → {args.dump_nll}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# techniques / data
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_techniques(args: argparse.Namespace) -> int:
+    from .technique import REGISTRY
+
+    if args.name:
+        return _describe_technique(args.name)
+    table = Table(show_lines=False, box=None, pad_edge=False)
+    for col in ("technique", "summary", "hooks", "params"):
+        table.add_column(col, overflow="fold")
+    for name in REGISTRY.names():
+        cls = REGISTRY.get(name)
+        params = ", ".join(f"{k}={_fmt_default(f.default)}" for k, f in cls.Params.model_fields.items())
+        table.add_row(name, cls.summary(), ", ".join(cls.hooks), params)
+    console.print(table)
+    for name, err in REGISTRY.broken().items():
+        err_console.print(f"[yellow]broken plugin {name}:[/yellow] {err}")
+    return 0
+
+
+def _fmt_default(v: Any) -> str:
+    from .selectors import LayerSelector
+
+    return str(v.dump()) if isinstance(v, LayerSelector) else repr(v)
+
+
+def _describe_technique(name: str) -> int:
+    import inspect
+
+    from .hooks import HOOKS
+    from .technique import REGISTRY
+
+    cls = REGISTRY.get(name)
+    console.print(f"[bold]{name}[/bold]  [dim]({cls.origin})[/dim]")
+    doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
+    console.print(doc, markup=False)
+    console.print("\n[bold]params[/bold]")
+    for k, f in cls.Params.model_fields.items():
+        rng = " ".join(f"{type(m).__name__.lower()}={getattr(m, type(m).__name__.lower(), m)}"
+                       for m in f.metadata)
+        console.print(f"  {k}: {_fmt_default(f.default)}  [dim]{f.description or ''} {rng}[/dim]")
+    console.print("[bold]hooks[/bold]")
+    for h, hargs in cls.hooks.items():
+        console.print(f"  {h}({', '.join(hargs)})  [dim]{HOOKS[h].kind}: {HOOKS[h].doc}[/dim]")
+    for attr in ("requires", "conflicts", "before", "after", "legality"):
+        if getattr(cls, attr):
+            console.print(f"[bold]{attr}[/bold] {', '.join(getattr(cls, attr))}")
+    if cls.gain_at_end:
+        console.print("[bold]gain_at_end[/bold] yes: its benefit shows at the end of training")
+    added = _added_parameters(name)
+    if added:
+        console.print("[bold]parameters it adds[/bold] (on a 2-layer, width-64 model)")
+        for pname, role, shape in added:
+            console.print(f"  {pname}  {shape}  role={role}")
+    return 0
+
+
+def _added_parameters(name: str) -> list[tuple[str, str, str]]:
+    import torch
+
+    from .config import stack_from_dict
+    from .roles import role_of
+    from .run import build
+
+    tiny = {"model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 64},
+            "train": {"train_seq_len": 16, "micro_batch_tokens": 16, "train_batch_tokens": 16}}
+    base = stack_from_dict(tiny)
+    try:
+        with_t = stack_from_dict({**tiny, "techniques": {name: {}}})
+    except PgolfError:
+        return []  # needs params or other techniques to build
+    meta = torch.device("meta")
+    before = {n for n, _ in build(base, [r.instantiate(base.spec) for r in base.techniques], meta).named_parameters()}
+    model = build(with_t, [r.instantiate(with_t.spec) for r in with_t.techniques], meta)
+    return [(n, getattr(role_of(p), "value", "?"), "x".join(map(str, p.shape)) or "scalar")
+            for n, p in model.named_parameters() if n not in before]
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from .corpus import build_dataset
+
+    if (args.tokenizer is None) == (args.vocab_size is None):
+        raise PgolfError("give exactly one of --tokenizer X.model or --vocab-size N")
+    info = build_dataset(
+        [Path(p) for p in args.input],
+        Path(args.out),
+        tokenizer=Path(args.tokenizer) if args.tokenizer else None,
+        vocab_size=args.vocab_size,
+        val_docs=args.val_docs,
+        shard_tokens=args.shard_tokens,
+        txt_mode=args.txt_docs,
+        text_key=args.text_key,
+    )
+    console.print(f"wrote {info.path}: val {info.val_docs:,} docs / {info.val_tokens:,} tokens, "
+                  f"train {info.train_docs:,} docs / {info.train_tokens:,} tokens, vocab {info.vocab_size}, "
+                  f"tokenizer {info.tokenizer}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a stack key, e.g. --set model.num_layers=11 (repeatable; VALUE is YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf: techniques, stacks, search.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train, export, reload and score a stack")
+    p.add_argument("stack", help="stack YAML file")
+    _add_set(p)
+    p.add_argument("--out", help="output folder (default runs/<name>-<time>)")
+    p.add_argument("--nproc", type=int, default=0, help="processes (GPUs) to launch through torchrun")
+    p.add_argument("--quiet", action="store_true", help="no console output (run.log is still written)")
+    p.add_argument("--no-estimate", action="store_true", help="skip the pre-training artifact size estimate")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a stack and estimate its artifact size without training")
+    p.add_argument("stack")
+    _add_set(p)
+    p.add_argument("--no-estimate", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("eval", help="re-score the artifact of a run folder")
+    p.add_argument("dir", help="a folder written by `pgolf run`")
+    p.add_argument("--dump-nll", metavar="FILE.npy", help="write the per-token NLL of the validation stream")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("techniques", help="list techniques, or describe one")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_techniques)
+
+    p = sub.add_parser("data", help="build challenge-format shards from documents")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    b = dsub.add_parser("build", help="documents (.txt/.jsonl) -> fineweb_{train,val}_*.bin + tokenizer")
+    b.add_argument("--input", nargs="+", required=True, help=".txt or .jsonl files")
+    b.add_argument("--out", required=True, help="new output folder")
+    b.add_argument("--tokenizer", help="existing SentencePiece .model")
+    b.add_argument("--vocab-size", type=int, help="train a SentencePiece BPE of this size (challenge settings)")
+    b.add_argument("--val-docs", type=int, default=50_000, help="the first N documents are validation")
+    b.add_argument("--shard-tokens", type=int, default=100_000_000)
+    b.add_argument("--txt-docs", choices=["file", "paragraph", "line"], default="file",
+                   help="how a .txt file splits into documents")
+    b.add_argument("--text-key", default="text", help="field of each .jsonl record holding the text")
+    b.set_defaults(func=cmd_data_build)
+
+    try:
+        from pgolf.search.cli import add_commands
+    except ImportError:  # the search harness is optional on GPU boxes without ray/optuna
+        add_commands = None
+    if add_commands is not None:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args) or 0)
+    except PgolfError as e:
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

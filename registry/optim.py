@@ -1,0 +1,215 @@
+"""Optimizers: Muon for ``matrix`` parameters, Adam for the rest, grouped by role.
+
+Muon (Keller Jordan; as in the challenge baseline): Nesterov momentum, then the update is
+orthogonalised by 5 Newton–Schulz iterations with fixed coefficients (3.4445, −4.7750, 2.0315)
+in bf16, scaled by √max(1, rows/cols). With several processes each rank orthogonalises the
+matrices i ≡ rank (mod world size) and one all-reduce shares the updates.
+
+Fast path: matrices of the same shape are stacked and orthogonalised in one batched
+Newton–Schulz call (:func:`newton_schulz`); :func:`newton_schulz_reference` is the plain
+per-matrix loop it must agree with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .roles import Role, role_table
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz_reference(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Orthogonalise one matrix (the baseline's ``zeropower_via_newtonschulz5``)."""
+    a, b, c = NS_COEFFS
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if transposed else x
+
+
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Batched Newton–Schulz over the leading dim of g (N, rows, cols)."""
+    a, b, c = NS_COEFFS
+    x = g.bfloat16()
+    x = x / (x.flatten(1).norm(dim=1)[:, None, None] + eps)
+    transposed = g.size(1) > g.size(2)
+    if transposed:
+        x = x.transpose(1, 2)
+    for _ in range(steps):
+        A = x @ x.transpose(1, 2)
+        B = b * A + c * (A @ A)
+        x = a * x + B @ x
+    return x.transpose(1, 2) if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton–Schulz, for 2-D parameters."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float,
+        momentum: float,
+        backend_steps: int = 5,
+        nesterov: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        ns: Callable[[Tensor, int], Tensor] = newton_schulz,
+    ):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        self.rank, self.world_size, self.ns = rank, world_size, ns
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        assert closure is None
+        for group in self.param_groups:
+            params: list[Tensor] = group["params"]
+            if not params:
+                continue
+            mine = [i for i in range(len(params)) if i % self.world_size == self.rank]
+            updates: dict[int, Tensor] = {}
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for i in mine:
+                p = params[i]
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
+                g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                updates[i] = g
+                by_shape.setdefault(tuple(g.shape), []).append(i)
+            for shape, idxs in by_shape.items():
+                ortho = self.ns(torch.stack([updates[i] for i in idxs]), group["backend_steps"])
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                for j, i in enumerate(idxs):
+                    updates[i] = ortho[j] * scale
+            if self.world_size > 1:
+                flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+                offsets = [0]
+                for p in params:
+                    offsets.append(offsets[-1] + p.numel())
+                for i, u in updates.items():
+                    flat[offsets[i] : offsets[i + 1]] = u.flatten()
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                updates = {i: flat[offsets[i] : offsets[i + 1]].view_as(params[i]) for i in range(len(params))}
+            for i, u in updates.items():
+                params[i].add_(u.to(params[i].dtype), alpha=-group["lr"])
+
+
+@dataclass
+class OptimizerSet:
+    """The optimizers of a run and the base LR of each of their groups."""
+
+    optimizers: list[torch.optim.Optimizer]
+    muon: Muon | None
+
+    def set_lr_multiplier(self, mult: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * mult
+
+    def set_muon_momentum(self, momentum: float) -> None:
+        if self.muon is not None:
+            for group in self.muon.param_groups:
+                group["momentum"] = momentum
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dicts(self) -> list[dict]:
+        return [opt.state_dict() for opt in self.optimizers]
+
+    def load_state_dicts(self, states: Sequence[dict]) -> None:
+        for opt, st in zip(self.optimizers, states, strict=True):
+            opt.load_state_dict(st)
+
+
+def build_optimizers(
+    model: nn.Module,
+    *,
+    matrix_lr: float,
+    scalar_lr: float,
+    embed_lr: float,
+    head_lr: float,
+    muon_momentum: float,
+    muon_backend_steps: int,
+    beta1: float,
+    beta2: float,
+    adam_eps: float,
+    rank: int = 0,
+    world_size: int = 1,
+) -> OptimizerSet:
+    """One optimizer group per role; every parameter is covered (checked by role_table)."""
+    roles = role_table(model)
+    named = dict(model.named_parameters())
+    by_role: dict[Role, list[Tensor]] = {r: [] for r in Role}
+    for name, role in roles.items():
+        by_role[role].append(named[name])
+    fused = next(iter(named.values())).is_cuda if named else False
+    adam_groups = [
+        {"params": by_role[Role.EMBEDDING], "lr": embed_lr, "base_lr": embed_lr},
+        {"params": by_role[Role.HEAD], "lr": head_lr, "base_lr": head_lr},
+        {"params": by_role[Role.SCALAR] + by_role[Role.GATE], "lr": scalar_lr, "base_lr": scalar_lr},
+    ]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    optimizers: list[torch.optim.Optimizer] = []
+    if adam_groups:
+        optimizers.append(torch.optim.Adam(adam_groups, betas=(beta1, beta2), eps=adam_eps, fused=fused))
+    muon = None
+    if by_role[Role.MATRIX]:
+        for p in by_role[Role.MATRIX]:
+            if p.ndim != 2:
+                raise ValueError(f"a matrix-role parameter must be 2-D; got shape {tuple(p.shape)}")
+        muon = Muon(by_role[Role.MATRIX], lr=matrix_lr, momentum=muon_momentum,
+                    backend_steps=muon_backend_steps, rank=rank, world_size=world_size)
+        for group in muon.param_groups:
+            group["base_lr"] = matrix_lr
+        optimizers.append(muon)
+    return OptimizerSet(optimizers, muon)
+
+
+def lr_multiplier(
+    step: int, elapsed_seconds: float, *, iterations: int, warmdown_iters: int, max_wallclock_seconds: float
+) -> float:
+    """The baseline's linear warmdown: by wall clock when capped, else over the last iterations.
+
+    With a cap, warmdown starts when the remaining time falls below ``warmdown_iters`` times
+    the mean step time so far, and reaches zero at the cap.
+    """
+    if warmdown_iters <= 0:
+        return 1.0
+    if max_wallclock_seconds <= 0:
+        start = max(iterations - warmdown_iters, 0)
+        return max((iterations - step) / max(warmdown_iters, 1), 0.0) if start <= step < iterations else 1.0
+    step_s = elapsed_seconds / max(step, 1)
+    warmdown_s = warmdown_iters * step_s
+    remaining = max(max_wallclock_seconds - elapsed_seconds, 0.0)
+    return remaining / max(warmdown_s, 1e-9) if remaining <= warmdown_s else 1.0
+
+
+def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) -> float:
+    """Muon momentum warmed up linearly from ``start`` to ``end`` over ``warmup_steps``."""
+    if warmup_steps <= 0:
+        return end
+    frac = min(step / warmup_steps, 1.0)
+    return (1 - frac) * start + frac * end

@@ -1,0 +1,96 @@
+"""Typed layer selectors for techniques placed on some layers: ``all``, ``none``, ``last(4)``,
+``first(2)``, ``every(2)`` or an explicit list such as ``[7, 8]`` (0-based; negative indices
+count from the end)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer
+
+_FORMS = "'all', 'none', 'last(N)', 'first(N)', 'every(N)' or a list of layer indices like [7, 8]"
+_CALL = re.compile(r"^\s*(last|first|every)\s*\(\s*(\d+)\s*\)\s*$")
+
+
+@dataclass(frozen=True)
+class LayerSelector:
+    kind: str  # all | none | last | first | every | list
+    n: int = 0
+    indices: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any) -> LayerSelector:
+        if isinstance(value, LayerSelector):
+            return value
+        if isinstance(value, bool):
+            raise ValueError(f"expected {_FORMS}, got {value!r}")
+        if isinstance(value, int):
+            return cls("list", indices=(value,))
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"a layer list must hold integers, got {list(value)!r}")
+            return cls("list", indices=tuple(value))
+        if isinstance(value, str):
+            s = value.strip()
+            if s in ("all", "none"):
+                return cls(s)
+            m = _CALL.match(s)
+            if m:
+                n = int(m.group(2))
+                if m.group(1) == "every" and n < 1:
+                    raise ValueError("every(N) needs N >= 1")
+                return cls(m.group(1), n=n)
+        raise ValueError(f"expected {_FORMS}, got {value!r}")
+
+    def dump(self) -> str | list[int]:
+        if self.kind == "list":
+            return list(self.indices)
+        if self.kind in ("all", "none"):
+            return self.kind
+        return f"{self.kind}({self.n})"
+
+    def resolve(self, num_layers: int) -> tuple[int, ...]:
+        """The sorted layer indices this selector picks in a model of ``num_layers`` layers."""
+        if self.kind == "all":
+            return tuple(range(num_layers))
+        if self.kind == "none":
+            return ()
+        if self.kind == "last":
+            return tuple(range(max(0, num_layers - self.n), num_layers))
+        if self.kind == "first":
+            return tuple(range(min(self.n, num_layers)))
+        if self.kind == "every":
+            return tuple(range(0, num_layers, self.n))
+        out = set()
+        for i in self.indices:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ValueError(f"layer {i} is out of range for num_layers={num_layers}")
+            out.add(j)
+        return tuple(sorted(out))
+
+    def check(self, num_layers: int) -> str | None:
+        """An error message if this selector does not fit ``num_layers``, else None."""
+        try:
+            self.resolve(num_layers)
+        except ValueError as e:
+            return str(e)
+        if self.kind in ("last", "first") and self.n > num_layers:
+            return f"{self.dump()} asks for more layers than num_layers={num_layers}"
+        return None
+
+    def __contains__(self, layer: object) -> bool:  # pragma: no cover - convenience
+        raise TypeError("use selector.resolve(num_layers) to test membership")
+
+    def __str__(self) -> str:
+        return str(self.dump())
+
+
+Layers = Annotated[
+    LayerSelector,
+    BeforeValidator(LayerSelector.parse),
+    PlainSerializer(LayerSelector.dump, return_type=Any),
+]
+"""Field type for technique params: ``layers: Layers = LayerSelector.parse("last(4)")``."""
