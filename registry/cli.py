@@ -58,8 +58,16 @@ def _relaunch(nproc: int, argv: Sequence[str]) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pgolf.registry.cli", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pgolf.registry.cli",
+        *rest,
+    ]
     return subprocess.call(cmd)
 
 
@@ -83,19 +91,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise PgolfError("--out is required when running under torchrun (all processes must agree on it)")
     out = Path(args.out) if args.out else _default_out(rs.stack.name or Path(args.stack).stem)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PgolfError(f"--out {str(out)!r} already exists and is not empty; choose another folder "
-                         "(nothing was changed)")
+        raise PgolfError(
+            f"--out {str(out)!r} already exists and is not empty; choose another folder (nothing was changed)"
+        )
     staging = out.parent / f".{out.name}.partial"
     main = env.rank == 0
     if main:
         prepare_data(rs.stack)  # data problems surface before any folder is created
         if staging.exists():
-            raise PgolfError(f"{str(staging)!r} exists: another run is writing {str(out)!r}, or one was "
-                             "killed; remove that folder and retry")
+            raise PgolfError(
+                f"{str(staging)!r} exists: another run is writing {str(out)!r}, or one was "
+                "killed; remove that folder and retry"
+            )
         staging.mkdir(parents=True)
     try:
-        result = run(rs, staging, env=env, console=None if args.quiet else console,
-                     estimate=not args.no_estimate)
+        result = run(
+            rs, staging, env=env, console=None if args.quiet else console, estimate=not args.no_estimate
+        )
     except BaseException as e:
         if main:
             keep = isinstance(e, TrainingDiverged) or not isinstance(e, PgolfError)
@@ -113,9 +125,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if out.exists():
             out.rmdir()
         staging.rename(out)
-        console.print(f"[bold]val_bpb {result.val_bpb:.6f}[/bold]  val_loss {result.val_loss:.6f}  "
-                      f"artifact {result.artifact_bytes:,} bytes ({'fits' if result.fits else 'does NOT fit'})"
-                      f"  → {out}/result.json")
+        console.print(
+            f"[bold]val_bpb {result.val_bpb:.6f}[/bold]  val_loss {result.val_loss:.6f}  "
+            f"artifact {result.artifact_bytes:,} bytes ({'fits' if result.fits else 'does NOT fit'})"
+            f"  → {out}/result.json"
+        )
     return 0
 
 
@@ -140,9 +154,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     est = estimate_artifact_bytes(rs)
     verdict = "fits" if est.fits else "does NOT fit"
-    console.print(f"[bold]estimated artifact[/bold] {est.total:,} bytes = {est.model_bytes:,} model + "
-                  f"{est.code_bytes:,} code; limit {est.limit:,}: {verdict}  [dim]({est.seconds:.1f}s; "
-                  f"{est.method})[/dim]")
+    console.print(
+        f"[bold]estimated artifact[/bold] {est.total:,} bytes = {est.model_bytes:,} model + "
+        f"{est.code_bytes:,} code; limit {est.limit:,}: {verdict}  [dim]({est.seconds:.1f}s; "
+        f"{est.method})[/dim]"
+    )
     return 0 if est.fits else 1
 
 
@@ -164,20 +180,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = prepare_data(rs.stack)
     runtime = make_runtime(rs.stack.train)
     res = score_artifact(rs, run_dir / ARTIFACT_NAME, runtime, source, want_nll=args.dump_nll is not None)
-    console.print(f"val_loss {res.val_loss:.6f}  val_bpb {res.val_bpb:.6f}  tokens {res.tokens:,}  "
-                  f"bytes {res.bytes:,}  ({res.seconds:.1f}s)")
+    console.print(
+        f"val_loss {res.val_loss:.6f}  val_bpb {res.val_bpb:.6f}  tokens {res.tokens:,}  "
+        f"bytes {res.bytes:,}  ({res.seconds:.1f}s)"
+    )
     saved = run_dir / "result.json"
     if saved.is_file():
         prev = json.loads(saved.read_text())
-        console.print(f"result.json: val_bpb {prev.get('val_bpb'):.6f}  (difference "
-                      f"{res.val_bpb - float(prev.get('val_bpb', float('nan'))):+.2e})")
+        console.print(
+            f"result.json: val_bpb {prev.get('val_bpb'):.6f}  (difference "
+            f"{res.val_bpb - float(prev.get('val_bpb', float('nan'))):+.2e})"
+        )
     if args.dump_nll is not None:
         import io
 
+        assert res.nll is not None
         buf = io.BytesIO()
         np.save(buf, res.nll)
         atomic_write(Path(args.dump_nll), buf.getvalue())
-        console.print(f"per-token NLL (nats, {res.tokens:,} float32 values in stream order) → {args.dump_nll}")
+        console.print(
+            f"per-token NLL (nats, {res.tokens:,} float32 values in stream order) → {args.dump_nll}"
+        )
     return 0
 
 
@@ -222,8 +245,9 @@ def _describe_technique(name: str) -> int:
     console.print(doc, markup=False)
     console.print("\n[bold]params[/bold]")
     for k, f in cls.Params.model_fields.items():
-        rng = " ".join(f"{type(m).__name__.lower()}={getattr(m, type(m).__name__.lower(), m)}"
-                       for m in f.metadata)
+        rng = " ".join(
+            f"{type(m).__name__.lower()}={getattr(m, type(m).__name__.lower(), m)}" for m in f.metadata
+        )
         console.print(f"  {k}: {_fmt_default(f.default)}  [dim]{f.description or ''} {rng}[/dim]")
     console.print("[bold]hooks[/bold]")
     for h, hargs in cls.hooks.items():
@@ -248,18 +272,26 @@ def _added_parameters(name: str) -> list[tuple[str, str, str]]:
     from .roles import role_of
     from .run import build
 
-    tiny = {"model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 64},
-            "train": {"train_seq_len": 16, "micro_batch_tokens": 16, "train_batch_tokens": 16}}
+    tiny = {
+        "model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 64},
+        "train": {"train_seq_len": 16, "micro_batch_tokens": 16, "train_batch_tokens": 16},
+    }
     base = stack_from_dict(tiny)
     try:
         with_t = stack_from_dict({**tiny, "techniques": {name: {}}})
     except PgolfError:
         return []  # needs params or other techniques to build
     meta = torch.device("meta")
-    before = {n for n, _ in build(base, [r.instantiate(base.spec) for r in base.techniques], meta).named_parameters()}
+    before = {
+        n
+        for n, _ in build(base, [r.instantiate(base.spec) for r in base.techniques], meta).named_parameters()
+    }
     model = build(with_t, [r.instantiate(with_t.spec) for r in with_t.techniques], meta)
-    return [(n, getattr(role_of(p), "value", "?"), "x".join(map(str, p.shape)) or "scalar")
-            for n, p in model.named_parameters() if n not in before]
+    return [
+        (n, getattr(role_of(p), "value", "?"), "x".join(map(str, p.shape)) or "scalar")
+        for n, p in model.named_parameters()
+        if n not in before
+    ]
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -277,9 +309,11 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         txt_mode=args.txt_docs,
         text_key=args.text_key,
     )
-    console.print(f"wrote {info.path}: val {info.val_docs:,} docs / {info.val_tokens:,} tokens, "
-                  f"train {info.train_docs:,} docs / {info.train_tokens:,} tokens, vocab {info.vocab_size}, "
-                  f"tokenizer {info.tokenizer}")
+    console.print(
+        f"wrote {info.path}: val {info.val_docs:,} docs / {info.val_tokens:,} tokens, "
+        f"train {info.train_docs:,} docs / {info.train_tokens:,} tokens, vocab {info.vocab_size}, "
+        f"tokenizer {info.tokenizer}"
+    )
     return 0
 
 
@@ -289,8 +323,13 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a stack key, e.g. --set model.num_layers=11 (repeatable; VALUE is YAML)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a stack key, e.g. --set model.num_layers=11 (repeatable; VALUE is YAML)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,11 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input", nargs="+", required=True, help=".txt or .jsonl files")
     b.add_argument("--out", required=True, help="new output folder")
     b.add_argument("--tokenizer", help="existing SentencePiece .model")
-    b.add_argument("--vocab-size", type=int, help="train a SentencePiece BPE of this size (challenge settings)")
+    b.add_argument(
+        "--vocab-size", type=int, help="train a SentencePiece BPE of this size (challenge settings)"
+    )
     b.add_argument("--val-docs", type=int, default=50_000, help="the first N documents are validation")
     b.add_argument("--shard-tokens", type=int, default=100_000_000)
-    b.add_argument("--txt-docs", choices=["file", "paragraph", "line"], default="file",
-                   help="how a .txt file splits into documents")
+    b.add_argument(
+        "--txt-docs",
+        choices=["file", "paragraph", "line"],
+        default="file",
+        help="how a .txt file splits into documents",
+    )
     b.add_argument("--text-key", default="text", help="field of each .jsonl record holding the text")
     b.set_defaults(func=cmd_data_build)
 

@@ -48,7 +48,9 @@ class ModelConfig(_Section):
         if self.model_dim % self.num_heads:
             raise ValueError(f"model_dim={self.model_dim} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}"
+            )
         if (self.model_dim // self.num_heads) % 2:
             raise ValueError(f"head_dim={self.model_dim // self.num_heads} must be even for RoPE")
         return self
@@ -64,7 +66,9 @@ class DataConfig(_Section):
     path: str | None = Field(None, description="folder with fineweb_{train,val}_NNNNNN.bin shards")
     tokenizer: str | None = Field(None, description="SentencePiece .model (required with path)")
     train_shards: int | None = Field(None, ge=1, description="use only the first N train shards")
-    cache_dir: str | None = Field(None, description="where the default corpus is built (default ~/.cache/pgolf)")
+    cache_dir: str | None = Field(
+        None, description="where the default corpus is built (default ~/.cache/pgolf)"
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> DataConfig:
@@ -87,7 +91,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile; auto = on CUDA only")
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto = bf16 on CUDA, off on CPU")
-    attention: Literal["auto", "sdpa", "flash"] = Field("auto", description="auto = flash-attn on CUDA if installed")
+    attention: Literal["auto", "sdpa", "flash"] = Field(
+        "auto", description="auto = flash-attn on CUDA if installed"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
 
     @model_validator(mode="after")
@@ -207,10 +213,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                "while reading a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
             )
         seen[key] = 1
     return loader.construct_mapping(node, deep=deep)
@@ -236,7 +245,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([("", f"expected a mapping at the top level, got {type(data).__name__}")], str(path))
+        raise ConfigError(
+            [("", f"expected a mapping at the top level, got {type(data).__name__}")], str(path)
+        )
     return data
 
 
@@ -280,8 +291,10 @@ def deep_merge(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str,
 
 
 def _merge_stack(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
-    merged = deep_merge({k: v for k, v in parent.items() if k != "techniques"},
-                        {k: v for k, v in child.items() if k != "techniques"})
+    merged = deep_merge(
+        {k: v for k, v in parent.items() if k != "techniques"},
+        {k: v for k, v in child.items() if k != "techniques"},
+    )
     techs = dict(parent.get("techniques") or {})
     child_techs = child.get("techniques")
     if isinstance(child_techs, Mapping):
@@ -309,7 +322,12 @@ def _inherit(data: dict[str, Any], here: Path, source: str) -> dict[str, Any]:
     bpath = _find_relative(base, here)
     if bpath is None:
         raise ConfigError(
-            [("base", f"parent stack {base!r} not found (looked next to {source} and in the current directory)")],
+            [
+                (
+                    "base",
+                    f"parent stack {base!r} not found (looked next to {source} and in the current directory)",
+                )
+            ],
             source,
         )
     parent = read_yaml(bpath)
@@ -357,8 +375,14 @@ def validate(data: Mapping[str, Any], source: str = "<stack>", base_dir: Path | 
     data = dict(data)
     for k in list(data):
         if k not in Stack.model_fields:
-            problems.append((k, "unknown key" + did_you_mean(k, Stack.model_fields)
-                             + f"; allowed: {', '.join(Stack.model_fields)}"))
+            problems.append(
+                (
+                    k,
+                    "unknown key"
+                    + did_you_mean(k, Stack.model_fields)
+                    + f"; allowed: {', '.join(Stack.model_fields)}",
+                )
+            )
             data.pop(k)
     # local plugins first: they add techniques
     plugins = data.get("plugins") or []
@@ -368,9 +392,9 @@ def validate(data: Mapping[str, Any], source: str = "<stack>", base_dir: Path | 
     abs_plugins = []
     for i, plug in enumerate(plugins):
         try:
-            path = _abs_plugin(str(plug), base_dir)
-            REGISTRY.load_file(path)
-            abs_plugins.append(str(path))
+            plugin_path = _abs_plugin(str(plug), base_dir)
+            REGISTRY.load_file(plugin_path)
+            abs_plugins.append(str(plugin_path))
         except PgolfError as e:
             problems.append((f"plugins[{i}]", str(e)))
     data["plugins"] = abs_plugins
@@ -397,7 +421,9 @@ def validate(data: Mapping[str, Any], source: str = "<stack>", base_dir: Path | 
         stack = stack.model_copy(update={"data": _absolute_data(stack.data, base_dir)})
     if problems or stack is None:
         raise ConfigError(problems, source=source)
-    stack = stack.model_copy(update={"techniques": {r.name: r.params.model_dump(mode="json") for r in resolved}})
+    stack = stack.model_copy(
+        update={"techniques": {r.name: r.params.model_dump(mode="json") for r in resolved}}
+    )
     return ResolvedStack(stack=stack, techniques=resolved, source=source, base_dir=base_dir)
 
 
@@ -411,8 +437,13 @@ def _absolute_data(data: DataConfig, base_dir: Path) -> DataConfig:
             p = cand
         return str(p.resolve())
 
-    return data.model_copy(update={"path": fix(data.path), "tokenizer": fix(data.tokenizer),
-                                   "cache_dir": data.cache_dir and str(Path(data.cache_dir).expanduser())})
+    return data.model_copy(
+        update={
+            "path": fix(data.path),
+            "tokenizer": fix(data.tokenizer),
+            "cache_dir": data.cache_dir and str(Path(data.cache_dir).expanduser()),
+        }
+    )
 
 
 def _check_selectors(resolved: list[Resolved], num_layers: int) -> list[tuple[str, str]]:
@@ -433,7 +464,9 @@ def load_stack(path: str | Path, overrides: Iterable[str] = ()) -> ResolvedStack
     return validate(data, source=str(path), base_dir=here)
 
 
-def stack_from_dict(data: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> ResolvedStack:
+def stack_from_dict(
+    data: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None
+) -> ResolvedStack:
     """Validate a stack given as a mapping (its ``base:`` is looked up relative to ``base_dir``)."""
     here = base_dir or Path.cwd()
     return validate(_inherit(copy.deepcopy(dict(data)), here, source), source=source, base_dir=here)

@@ -33,8 +33,12 @@ class DataError(PgolfError):
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest matches of ``name``, or ''."""
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
-    if not close:
+    """' (did you mean 'x'?)' for the closest of ``choices`` (ties included), or ''."""
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in choices), key=lambda t: (-t[0], t[1])
+    )
+    if not scored or scored[0][0] < 0.6:
         return ""
+    best = scored[0][0]
+    close = [c for r, c in scored if r >= best - 0.05][:3]
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"

@@ -102,7 +102,9 @@ def load_artifact(path: Path, techniques: Sequence[Technique]) -> dict[str, Tens
         raw = slot_filler(techniques, "decompress").call("decompress", data=blob)
         packed = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PgolfError(f"artifact {str(path)!r} could not be decoded with this stack's codec: {e}") from None
+        raise PgolfError(
+            f"artifact {str(path)!r} could not be decoded with this stack's codec: {e}"
+        ) from None
     state = slot_filler(techniques, "dequantize").call("dequantize", packed=packed)
     return dict(state)
 
@@ -155,4 +157,3 @@ def code_bytes(techniques: Sequence[Technique | type[Technique]]) -> CodeCount:
         h.update(f.name.encode() + b"\0" + data)
         names.append(f.name)
     return CodeCount(total, tuple(names), h.hexdigest()[:16])
-

@@ -61,7 +61,9 @@ HOOKS: dict[str, HookSpec] = {
             "state dict + parameter roles -> packed object for torch.save",
             slot="quantizer",
         ),
-        HookSpec("dequantize", ("packed",), "exclusive", "packed object -> float state dict", slot="quantizer"),
+        HookSpec(
+            "dequantize", ("packed",), "exclusive", "packed object -> float state dict", slot="quantizer"
+        ),
         HookSpec("compress", ("data",), "exclusive", "bytes -> compressed bytes", slot="codec"),
         HookSpec("decompress", ("data",), "exclusive", "compressed bytes -> bytes", slot="codec"),
     )

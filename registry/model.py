@@ -25,6 +25,7 @@ Every parameter carries a role (:mod:`pgolf.registry.roles`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Rotary(nn.Module):
     """RoPE tables (base 10 000 over the full head dim); cached per length and device."""
 
+    inv_freq: Tensor
+
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -76,8 +79,11 @@ class SDPAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q (B,T,H,D), k/v (B,T,KV,D) -> (B,T,H,D)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, enable_gqa=q.size(2) != k.size(2),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=q.size(2) != k.size(2),
         )
         return y.transpose(1, 2)
 
@@ -90,34 +96,42 @@ class FlashAttention(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._fn = flash_attention_function()
-        if self._fn is None:
-            raise PgolfError("train.attention=flash but neither flash_attn_interface nor flash_attn is installed")
+        fn = flash_attention_function()
+        if fn is None:
+            raise PgolfError(
+                "train.attention=flash but neither flash_attn_interface nor flash_attn is installed"
+            )
+
+        self._fn: Callable[..., object] = fn
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = self._fn(q, k, v, causal=True)  # type: ignore[misc]
-        return out[0] if isinstance(out, tuple) else out
+        dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # flash: 16-bit only
+        out = self._fn(q.to(dt), k.to(dt), v.to(dt), causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        return cast(Tensor, out).to(q.dtype)
 
 
 def flash_attention_function() -> Callable[..., object] | None:
     """The installed flash-attn kernel, FA3 first, or None."""
     try:
-        from flash_attn_interface import flash_attn_func  # type: ignore[import-not-found]
+        from flash_attn_interface import flash_attn_func
 
-        return flash_attn_func  # type: ignore[no-any-return]
+        return cast(Callable[..., object], flash_attn_func)
     except ImportError:
         pass
     try:
-        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+        from flash_attn import flash_attn_func
 
-        return flash_attn_func  # type: ignore[no-any-return]
+        return cast(Callable[..., object], flash_attn_func)
     except ImportError:
         return None
 
 
 def attention_kernel(name: str, device: torch.device) -> Callable[[], nn.Module]:
     """Factory for the attention slot: ``sdpa``, ``flash`` or ``auto`` (flash on CUDA when installed)."""
-    if name == "flash" or (name == "auto" and device.type == "cuda" and flash_attention_function() is not None):
+    if name == "flash" or (
+        name == "auto" and device.type == "cuda" and flash_attention_function() is not None
+    ):
         return FlashAttention
     return SDPAttention
 
@@ -140,8 +154,13 @@ def _vector(n: int, value: float) -> nn.Parameter:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, rope_base: float, qk_gain_init: float,
-                 kernel: Callable[[], nn.Module] = SDPAttention):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        rope_base: float,
+        qk_gain_init: float,
+        kernel: Callable[[], nn.Module] = SDPAttention,
+    ):
         super().__init__()
         d, h, kv = spec.model_dim, spec.num_heads, spec.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, spec.head_dim
@@ -182,8 +201,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec, rope_base: float, qk_gain_init: float,
-                 kernel: Callable[[], nn.Module] = SDPAttention):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        rope_base: float,
+        qk_gain_init: float,
+        kernel: Callable[[], nn.Module] = SDPAttention,
+    ):
         super().__init__()
         d = spec.model_dim
         self.attn = Attention(spec, rope_base, qk_gain_init, kernel)
@@ -224,7 +248,9 @@ class GPT(nn.Module):
         self.num_encoder_layers = spec.num_layers // 2
         num_skips = min(self.num_encoder_layers, spec.num_layers - self.num_encoder_layers)
         self.skip_weights = set_role(nn.Parameter(torch.ones(num_skips, spec.model_dim)), Role.SCALAR)
-        self.lm_head = None if tie_embeddings else _linear(spec.model_dim, spec.vocab_size, Role.HEAD, zero=True)
+        self.lm_head = (
+            None if tie_embeddings else _linear(spec.model_dim, spec.vocab_size, Role.HEAD, zero=True)
+        )
 
     def hidden(self, idx: Tensor) -> Tensor:
         """Final normalised hidden states (B,T,D) for token ids idx (B,T)."""
@@ -279,11 +305,16 @@ def build_model(
     for t in techniques:
         if "embed" in t.hooks and (m := t.call("embed")) is not None:
             model.embed_transforms.append(m)
-    for i, block in enumerate(model.blocks):
+    for i in range(spec.num_layers):
+        block = cast(Block, model.blocks[i])
         for t in techniques:
             if "attn_out" in t.hooks and (m := t.call("attn_out", layer=i)) is not None:
                 block.attn.out_transforms.append(m)
-        acts = [(t.name, m) for t in techniques if "mlp_act" in t.hooks and (m := t.call("mlp_act", layer=i))]
+        acts = [
+            (t.name, m)
+            for t in techniques
+            if "mlp_act" in t.hooks and (m := t.call("mlp_act", layer=i)) is not None
+        ]
         if len(acts) > 1:
             raise PgolfError(
                 f"techniques {' and '.join(repr(n) for n, _ in acts)} both replace the MLP activation "

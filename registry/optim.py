@@ -24,10 +24,12 @@ from .roles import Role, role_table
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz_reference(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Orthogonalise one matrix (the baseline's ``zeropower_via_newtonschulz5``)."""
+def newton_schulz_reference(
+    g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """Orthogonalise one matrix (the baseline's ``zeropower_via_newtonschulz5``, in bf16)."""
     a, b, c = NS_COEFFS
-    x = g.bfloat16()
+    x = g.to(dtype)
     x = x / (x.norm() + eps)
     transposed = g.size(0) > g.size(1)
     if transposed:
@@ -39,10 +41,12 @@ def newton_schulz_reference(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Ten
     return x.T if transposed else x
 
 
-def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+def newton_schulz(
+    g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
     """Batched Newton–Schulz over the leading dim of g (N, rows, cols)."""
     a, b, c = NS_COEFFS
-    x = g.bfloat16()
+    x = g.to(dtype)
     x = x / (x.flatten(1).norm(dim=1)[:, None, None] + eps)
     transposed = g.size(1) > g.size(2)
     if transposed:
@@ -68,7 +72,9 @@ class Muon(torch.optim.Optimizer):
         world_size: int = 1,
         ns: Callable[[Tensor, int], Tensor] = newton_schulz,
     ):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov)
+        )
         self.rank, self.world_size, self.ns = rank, world_size, ns
 
     @torch.no_grad()
@@ -99,14 +105,18 @@ class Muon(torch.optim.Optimizer):
                 for j, i in enumerate(idxs):
                     updates[i] = ortho[j] * scale
             if self.world_size > 1:
-                flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+                flat = torch.zeros(
+                    sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16
+                )
                 offsets = [0]
                 for p in params:
                     offsets.append(offsets[-1] + p.numel())
                 for i, u in updates.items():
                     flat[offsets[i] : offsets[i + 1]] = u.flatten()
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                updates = {i: flat[offsets[i] : offsets[i + 1]].view_as(params[i]) for i in range(len(params))}
+                updates = {
+                    i: flat[offsets[i] : offsets[i + 1]].view_as(params[i]) for i in range(len(params))
+                }
             for i, u in updates.items():
                 params[i].add_(u.to(params[i].dtype), alpha=-group["lr"])
 
@@ -180,8 +190,14 @@ def build_optimizers(
         for p in by_role[Role.MATRIX]:
             if p.ndim != 2:
                 raise ValueError(f"a matrix-role parameter must be 2-D; got shape {tuple(p.shape)}")
-        muon = Muon(by_role[Role.MATRIX], lr=matrix_lr, momentum=muon_momentum,
-                    backend_steps=muon_backend_steps, rank=rank, world_size=world_size)
+        muon = Muon(
+            by_role[Role.MATRIX],
+            lr=matrix_lr,
+            momentum=muon_momentum,
+            backend_steps=muon_backend_steps,
+            rank=rank,
+            world_size=world_size,
+        )
         for group in muon.param_groups:
             group["base_lr"] = matrix_lr
         optimizers.append(muon)

@@ -9,12 +9,13 @@ from typing import IO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from .train import Progress as StepProgress
 
 
 def format_seconds(s: float) -> str:
-    s = max(0, int(round(s)))
+    s = max(0, round(s))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:d}:{sec:02d}"
@@ -34,8 +35,7 @@ class RunLog:
             self._file.write(f"{stamp} {line}\n")
             self._file.flush()
         if self.console:
-            self.console.print(f"[dim]{stamp}[/dim] {line}", highlight=False, markup=False
-                               if "[" in line else True)
+            self.console.print(Text.assemble((stamp, "dim"), " ", line), highlight=False)
 
     def block(self, title: str, text: str, echo: bool = False) -> None:
         """A multi-line section (resolved stack, role table) written to the log file only,
@@ -75,7 +75,9 @@ class LiveProgress:
     def __enter__(self) -> LiveProgress:
         if self._progress is not None:
             self._progress.start()
-            self._task = self._progress.add_task("train", total=self.iterations or 1, text="compiling / warming up")
+            self._task = self._progress.add_task(
+                "train", total=self.iterations or 1, text="compiling / warming up"
+            )
         return self
 
     def update(self, p: StepProgress) -> None:
@@ -85,10 +87,14 @@ class LiveProgress:
             frac = max(p.step / max(p.iterations, 1), p.elapsed / self.cap)
         else:
             frac = p.step / max(p.iterations, 1)
-        text = (f"step {p.step}  loss {p.train_loss:.4f}  {p.tokens_per_second:,.0f} tok/s  "
-                f"left {format_seconds(p.seconds_left)}")
+        text = (
+            f"step {p.step}  loss {p.train_loss:.4f}  {p.tokens_per_second:,.0f} tok/s  "
+            f"left {format_seconds(p.seconds_left)}"
+        )
         self._progress.update(self._task, completed=min(frac, 1.0) * (self.iterations or 1), text=text)
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -64,9 +64,7 @@ def role_table(model: nn.Module) -> dict[str, Role]:
             "parameters without a role: "
             + ", ".join(missing)
             + ". The module that creates a parameter must label it with "
-            "pgolf.registry.set_role(param, Role.X) (roles: "
-            + ", ".join(r.value for r in Role)
-            + ")."
+            "pgolf.registry.set_role(param, Role.X) (roles: " + ", ".join(r.value for r in Role) + ")."
         )
     return table
 

@@ -22,7 +22,15 @@ from . import bpb, corpus, data
 from .config import ResolvedStack, Stack
 from .errors import DataError
 from .evaluate import EvalResult, evaluate
-from .export import ARTIFACT_NAME, atomic_write, code_bytes, export_bytes, load_artifact, load_into, write_artifact
+from .export import (
+    ARTIFACT_NAME,
+    atomic_write,
+    code_bytes,
+    export_bytes,
+    load_artifact,
+    load_into,
+    write_artifact,
+)
 from .model import GPT, attention_kernel, build_model, count_params
 from .progress import LiveProgress, RunLog
 from .roles import Role, format_role_table, role_table
@@ -85,8 +93,10 @@ class SizeEstimate:
     margin: int
     limit: int
     seconds: float
-    method: str = ("the stack's real quantizer and codec applied to the freshly built model with "
-                   "non-scalar weights replaced by N(0,1) draws (a stand-in for trained weights)")
+    method: str = (
+        "the stack's real quantizer and codec applied to the freshly built model with "
+        "non-scalar weights replaced by N(0,1) draws (a stand-in for trained weights)"
+    )
 
     @property
     def total(self) -> int:
@@ -125,7 +135,9 @@ def prepare_data(stack: Stack) -> DataSource:
     return DataSource(train, val, tok, desc)
 
 
-def build(rs: ResolvedStack, techniques: Sequence[Technique], device: torch.device, attention: str = "sdpa") -> GPT:
+def build(
+    rs: ResolvedStack, techniques: Sequence[Technique], device: torch.device, attention: str = "sdpa"
+) -> GPT:
     m = rs.stack.model
     model = build_model(
         rs.spec,
@@ -161,7 +173,9 @@ def estimate_artifact_bytes(rs: ResolvedStack, *, margin: int = 0) -> SizeEstima
     surrogate_weights_(model, rs.stack.seed)
     model_bytes = len(export_bytes(model, techniques))
     code = code_bytes(techniques)
-    return SizeEstimate(model_bytes, code.bytes, margin, rs.stack.export.artifact_limit, time.perf_counter() - t0)
+    return SizeEstimate(
+        model_bytes, code.bytes, margin, rs.stack.export.artifact_limit, time.perf_counter() - t0
+    )
 
 
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
@@ -183,8 +197,15 @@ def score_artifact(
     load_into(model, load_artifact(artifact, techniques))
     val = data.load_tokens(source.val)
     lut = bpb.build_byte_lut(bpb.load_tokenizer(source.tokenizer), rs.stack.model.vocab_size)
-    return evaluate(model, val, lut, seq_len=rs.stack.eval.seq_len or rs.stack.train.train_seq_len,
-                    batch_tokens=rs.stack.eval.batch_tokens, runtime=runtime, want_nll=want_nll)
+    return evaluate(
+        model,
+        val,
+        lut,
+        seq_len=rs.stack.eval.seq_len or rs.stack.train.train_seq_len,
+        batch_tokens=rs.stack.eval.batch_tokens,
+        runtime=runtime,
+        want_nll=want_nll,
+    )
 
 
 def run(
@@ -235,19 +256,25 @@ def _run(
         log.block("parameter roles", format_role_table(model))
     log(f"stack {stack.name or rs.source} ({rs.hash()}): techniques {' → '.join(rs.technique_names())}")
     log(f"data: {source.description}: {len(source.train)} train shard(s), {len(source.val)} val shard(s)")
-    log(f"model: {n_params:,} parameters; device {vers['device']} × {runtime.world_size}; "
+    log(
+        f"model: {n_params:,} parameters; device {vers['device']} × {runtime.world_size}; "
         f"grad accumulation {accum}; compile {'on' if runtime.compile else 'off'}; "
-        f"autocast {runtime.autocast_dtype or 'off'}")
+        f"autocast {runtime.autocast_dtype or 'off'}"
+    )
     if est is not None:
-        log(f"estimated artifact: {est.total:,} bytes ({est.model_bytes:,} model + {est.code_bytes:,} code) "
-            f"of {est.limit:,}{'' if est.fits else '  — over the limit'}")
+        log(
+            f"estimated artifact: {est.total:,} bytes ({est.model_bytes:,} model + {est.code_bytes:,} code) "
+            f"of {est.limit:,}{'' if est.fits else '  — over the limit'}"
+        )
 
     val_tokens = data.load_tokens(source.val)
     lut = bpb.build_byte_lut(bpb.load_tokenizer(source.tokenizer), stack.model.vocab_size)
     eval_len = stack.eval.seq_len or stack.train.train_seq_len
 
     def score(m: nn.Module) -> EvalResult:
-        return evaluate(m, val_tokens, lut, seq_len=eval_len, batch_tokens=stack.eval.batch_tokens, runtime=runtime)
+        return evaluate(
+            m, val_tokens, lut, seq_len=eval_len, batch_tokens=stack.eval.batch_tokens, runtime=runtime
+        )
 
     def validate(step: int) -> tuple[float, float]:
         r = score(model)
@@ -257,10 +284,14 @@ def _run(
 
     loader = data.DistributedTokenLoader(source.train, runtime.rank, runtime.world_size)
     trainer = Trainer(model, techniques, stack, runtime, loader)
-    with LiveProgress(console if main else None, stack.train.iterations, stack.train.max_wallclock_seconds) as bar:
+    with LiveProgress(
+        console if main else None, stack.train.iterations, stack.train.max_wallclock_seconds
+    ) as bar:
         tres = trainer.run(validate=validate, on_progress=bar.update, log=log)
-    log(f"trained {tres.steps} steps ({tres.stopped_by}) in {tres.train_seconds:.1f}s: "
-        f"{tres.tokens_per_second:,.0f} tokens/s, final train loss {tres.final_train_loss:.4f}")
+    log(
+        f"trained {tres.steps} steps ({tres.stopped_by}) in {tres.train_seconds:.1f}s: "
+        f"{tres.tokens_per_second:,.0f} tokens/s, final train loss {tres.final_train_loss:.4f}"
+    )
 
     pre = score(model) if stack.eval.pre_quant else None
     if pre is not None:
@@ -271,7 +302,6 @@ def _run(
         write_artifact(artifact, model, techniques)
     runtime.barrier()
     model_bytes = artifact.stat().st_size
-    del trainer, model
     final = score_artifact(rs, artifact, runtime, source, techniques=techniques)
     total = model_bytes + code.bytes
     result = RunResult(
@@ -305,11 +335,15 @@ def _run(
         pre_quant_val_bpb=pre.val_bpb if pre else None,
         history=tres.history,
     )
-    log(f"final (from {artifact.name} reloaded from disk): val_loss {result.val_loss:.6f} nats, "
+    log(
+        f"final (from {artifact.name} reloaded from disk): val_loss {result.val_loss:.6f} nats, "
         f"val_bpb {result.val_bpb:.6f} over {result.val_tokens:,} tokens / {result.val_bytes:,} bytes "
-        f"in {result.eval_seconds:.1f}s")
-    log(f"artifact: {model_bytes:,} model + {code.bytes:,} code = {total:,} bytes "
-        f"({'fits' if result.fits else 'DOES NOT FIT'} the {result.artifact_limit:,} limit)")
+        f"in {result.eval_seconds:.1f}s"
+    )
+    log(
+        f"artifact: {model_bytes:,} model + {code.bytes:,} code = {total:,} bytes "
+        f"({'fits' if result.fits else 'DOES NOT FIT'} the {result.artifact_limit:,} limit)"
+    )
     if main:
         write_json(out_dir / "result.json", result.to_dict())
     if report is not None:

@@ -98,7 +98,9 @@ def make_runtime(train: TrainConfig, env: DistEnv | None = None) -> Runtime:
             world_size=env.world_size,
             timeout=timedelta(minutes=30),
         )
-    autocast = {"auto": torch.bfloat16 if use_cuda else None, "bf16": torch.bfloat16, "off": None}[train.autocast]
+    autocast = {"auto": torch.bfloat16 if use_cuda else None, "bf16": torch.bfloat16, "off": None}[
+        train.autocast
+    ]
     compile_on = {"auto": use_cuda, "on": True, "off": False}[train.compile]
     return Runtime(
         device=device,

@@ -84,6 +84,9 @@ def hook(fn: F) -> F:
     return fn
 
 
+ParamsBase = Params  # the name ``Params`` is shadowed inside Technique by its class attribute
+
+
 class Technique:
     """Base class of every technique.
 
@@ -109,7 +112,7 @@ class Technique:
     hooks: ClassVar[dict[str, tuple[str, ...]]] = {}  # hook name -> argument names it takes
     origin: ClassVar[str] = ""  # where it was registered from (module or plugin)
 
-    def __init__(self, params: Params, spec: ModelSpec):
+    def __init__(self, params: ParamsBase, spec: ModelSpec):
         self.params = params
         self.spec = spec
 
@@ -206,7 +209,9 @@ class Registry:
             raise PgolfError(f"technique {name!r}: Params must subclass pgolf.registry.Params")
         module = cls.__module__
         if module.startswith(BUILTIN_PACKAGE + ".") and module.rsplit(".", 1)[1] != name:
-            raise PgolfError(f"built-in technique {name!r} must live in techniques/{name}.py (found {module})")
+            raise PgolfError(
+                f"built-in technique {name!r} must live in techniques/{name}.py (found {module})"
+            )
         hooks = _check_hooks(name, cls)
         if name in self._entries and not override:
             prev = self._entries[name]
@@ -400,14 +405,19 @@ def resolve_techniques(raw: Mapping[str, Any]) -> tuple[list[Resolved], list[tup
                 a, b = sorted((r.name, other.name))
                 if (a, b) not in reported:
                     reported.add((a, b))
-                    problems.append((f"techniques.{a}", f"conflicts with technique {b!r}; remove one of them"))
+                    problems.append(
+                        (f"techniques.{a}", f"conflicts with technique {b!r}; remove one of them")
+                    )
     # exclusive slots
     for slot, members in SLOTS.items():
         fillers = [r.name for r in chosen if members[0] in r.cls.hooks]
         if len(fillers) > 1:
             problems.append(
-                ("techniques", f"techniques {' and '.join(map(repr, fillers))} both fill the exclusive "
-                 f"{slot!r} slot; keep one")
+                (
+                    "techniques",
+                    f"techniques {' and '.join(map(repr, fillers))} both fill the exclusive "
+                    f"{slot!r} slot; keep one",
+                )
             )
         elif not fillers:
             default = SLOT_DEFAULTS[slot]

@@ -106,7 +106,8 @@ class Stopwatch:
     """Accumulates running time across start/stop pairs, synchronising the device first."""
 
     def __init__(self, sync: Callable[[], None]):
-        self.sync, self.total, self._t0 = sync, 0.0, None
+        self.sync, self.total = sync, 0.0
+        self._t0: float | None = None
 
     def start(self) -> None:
         self.sync()
@@ -146,11 +147,22 @@ class Trainer:
     def step(self, step: int, elapsed: float) -> tuple[Tensor, float]:
         """One optimizer step over the global batch; returns (mean loss tensor, lr multiplier)."""
         cfg, o = self.cfg, self.stack.optim
-        mult = lr_multiplier(step, elapsed, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
-                             max_wallclock_seconds=cfg.max_wallclock_seconds)
+        mult = lr_multiplier(
+            step,
+            elapsed,
+            iterations=cfg.iterations,
+            warmdown_iters=cfg.warmdown_iters,
+            max_wallclock_seconds=cfg.max_wallclock_seconds,
+        )
         self.opt.set_lr_multiplier(mult)
-        self.opt.set_muon_momentum(muon_momentum_at(step, start=o.muon_momentum_warmup_start,
-                                                    end=o.muon_momentum, warmup_steps=o.muon_momentum_warmup_steps))
+        self.opt.set_muon_momentum(
+            muon_momentum_at(
+                step,
+                start=o.muon_momentum_warmup_start,
+                end=o.muon_momentum,
+                warmup_steps=o.muon_momentum_warmup_steps,
+            )
+        )
         total = torch.zeros((), device=self.runtime.device)
         for micro in range(self.accum):
             x, y = self.loader.next_batch(cfg.micro_batch_tokens, cfg.train_seq_len)
@@ -197,11 +209,20 @@ class Trainer:
         stop = False
         clock.start()
         while True:
-            if validate is not None and step > 0 and cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0:
+            if (
+                validate is not None
+                and step > 0
+                and cfg.val_loss_every > 0
+                and step % cfg.val_loss_every == 0
+            ):
                 clock.stop()
                 val_loss, val_bpb = validate(step)
-                history.append({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "train_seconds": clock.total})
-                log(f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f} train_time {clock.total:.1f}s")
+                history.append(
+                    {"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "train_seconds": clock.total}
+                )
+                log(
+                    f"step {step}: val_loss {val_loss:.4f} val_bpb {val_bpb:.4f} train_time {clock.total:.1f}s"
+                )
                 clock.start()
             if step >= cfg.iterations or stop:
                 break
@@ -225,16 +246,27 @@ class Trainer:
             raise TrainingDiverged(f"training diverged: loss is {value} at step {step}")
         return value
 
-    def _report(self, step: int, loss: Tensor, mult: float, elapsed: float,
-                on_progress: Callable[[Progress], None] | None, log: Callable[[str], None]) -> None:
+    def _report(
+        self,
+        step: int,
+        loss: Tensor,
+        mult: float,
+        elapsed: float,
+        on_progress: Callable[[Progress], None] | None,
+        log: Callable[[str], None],
+    ) -> None:
         cfg = self.cfg
         value = self._check_finite(loss, step)
         tps = step * cfg.train_batch_tokens / max(elapsed, 1e-9)
         if on_progress is not None:
-            on_progress(Progress(step, cfg.iterations, value, elapsed, tps, self._seconds_left(step, elapsed), mult))
+            on_progress(
+                Progress(step, cfg.iterations, value, elapsed, tps, self._seconds_left(step, elapsed), mult)
+            )
         if step % cfg.train_log_every == 0 or step == cfg.iterations:
-            log(f"step {step}/{cfg.iterations} train_loss {value:.4f} lr_mult {mult:.3f} "
-                f"train_time {elapsed:.1f}s tokens/s {tps:,.0f}")
+            log(
+                f"step {step}/{cfg.iterations} train_loss {value:.4f} lr_mult {mult:.3f} "
+                f"train_time {elapsed:.1f}s tokens/s {tps:,.0f}"
+            )
 
     def _seconds_left(self, step: int, elapsed: float) -> float:
         cfg = self.cfg

@@ -34,7 +34,9 @@ from pgolf.registry import Params, Role, Technique, hook, register, set_role
 
 
 class BigramHashParams(Params):
-    buckets: int = Field(3072, ge=2, le=1 << 20, description="table rows; the last is reserved for position 0")
+    buckets: int = Field(
+        3072, ge=2, le=1 << 20, description="table rows; the last is reserved for position 0"
+    )
     dim: int = Field(128, ge=1, le=4096, description="table width, projected up to model_dim")
     scale_init: float = Field(0.05, ge=0, description="initial value of the learned output scale s")
 

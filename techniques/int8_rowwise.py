@@ -91,7 +91,13 @@ class Int8Rowwise(Technique):
     @hook
     def quantize(self, state: dict[str, Tensor], roles: dict[str, Role]) -> dict[str, Any]:
         p = self.params
-        out: dict[str, Any] = {"format": FORMAT, "quantized": {}, "scales": {}, "dtypes": {}, "passthrough": {}}
+        out: dict[str, Any] = {
+            "format": FORMAT,
+            "quantized": {},
+            "scales": {},
+            "dtypes": {},
+            "passthrough": {},
+        }
         for name, t in state.items():
             out["dtypes"][name] = _dtype_name(t.dtype)
             if not t.is_floating_point():
@@ -101,7 +107,11 @@ class Int8Rowwise(Technique):
             elif t.numel() <= p.keep_float_max_numel:
                 out["passthrough"][name] = t.to(_DTYPES[p.keep_float_dtype])
             else:
-                q, s = quantize_rows(t, p.clip_percentile) if t.ndim == 2 else quantize_whole(t, p.clip_percentile)
+                q, s = (
+                    quantize_rows(t, p.clip_percentile)
+                    if t.ndim == 2
+                    else quantize_whole(t, p.clip_percentile)
+                )
                 out["quantized"][name] = q
                 out["scales"][name] = s.to(torch.float16)
         return out

@@ -48,4 +48,8 @@ class LeakyReluSq(Technique):
 
     @hook
     def mlp_act(self, layer: int) -> nn.Module | None:
-        return LeakyReluSquared(self.params.slope) if layer in self.params.layers.resolve(self.spec.num_layers) else None
+        return (
+            LeakyReluSquared(self.params.slope)
+            if layer in self.params.layers.resolve(self.spec.num_layers)
+            else None
+        )

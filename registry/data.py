@@ -1,0 +1,253 @@
+"""The challenge's token shard format and sequential token streaming.
+
+A shard (``fineweb_train_000000.bin``, ``fineweb_val_000000.bin``, ...) is a 1024-byte header of
+256 little-endian int32 — ``[20240520, 1, n, 0, ...]`` — followed by ``n`` little-endian uint16
+token ids; the file size must be exactly ``1024 + 2 * n`` bytes.
+
+Training data is read the way the challenge baseline reads it: shards in sorted order, front to back,
+wrapping around to the first shard at the end, with no shuffling. :class:`DistributedTokenLoader`
+splits each contiguous chunk of the stream between ranks exactly like the baseline's loader.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_BYTES = 2
+MAX_TOKEN_ID = 65535
+
+assert HEADER_BYTES == 1024
+
+
+def shard_name(split: str, index: int) -> str:
+    """The challenge's file name for shard ``index`` of ``split`` (``fineweb_val_000000.bin``)."""
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+def _as_uint16(tokens: np.ndarray | Sequence[int], path: Path) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise DataError(f"{path}: tokens to write must be a 1-D sequence, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype="<u2")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{path}: token ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > MAX_TOKEN_ID:
+        raise DataError(
+            f"{path}: token ids must be in [0, {MAX_TOKEN_ID}] to fit uint16 shards, "
+            f"got values in [{lo}, {hi}]"
+        )
+    return arr.astype("<u2", copy=False)
+
+
+def _header(n_tokens: int) -> np.ndarray:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = SHARD_MAGIC
+    header[1] = SHARD_VERSION
+    header[2] = n_tokens
+    return header
+
+
+def write_shard(path: Path, tokens: np.ndarray | Sequence[int]) -> None:
+    """Write ``tokens`` as a challenge shard at ``path``, atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    payload = _as_uint16(tokens, path)
+    if payload.size > np.iinfo(np.int32).max:
+        raise DataError(f"{path}: {payload.size} tokens do not fit one shard (int32 header count)")
+    if not path.parent.is_dir():
+        raise DataError(f"{path}: cannot write shard, folder {path.parent} does not exist")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        with tmp.open("xb") as f:  # unlike mkstemp, keeps the umask's permissions
+            f.write(_header(int(payload.size)).tobytes())
+            f.write(payload.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_header(path: Path) -> int:
+    """Validate the shard header and file size of ``path``; return its token count."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: shard file not found")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(
+            f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte shard header "
+            "(truncated or not a shard)"
+        )
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, n = int(header[0]), int(header[1]), int(header[2])
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path}: bad shard magic {magic}, expected {SHARD_MAGIC} (not a challenge shard)")
+    if version != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {version}, expected {SHARD_VERSION}")
+    if n < 0:
+        raise DataError(f"{path}: negative token count {n} in shard header")
+    expected = HEADER_BYTES + TOKEN_BYTES * n
+    if size != expected:
+        raise DataError(
+            f"{path}: size mismatch: header says {n} tokens so the file should be {expected} bytes, "
+            f"but it is {size} bytes (truncated or corrupted)"
+        )
+    return n
+
+
+def load_shard(path: Path) -> np.ndarray:
+    """Validate ``path`` and return its tokens as a read-only uint16 memory map."""
+    n = read_header(path)
+    if n == 0:  # np.memmap cannot map zero bytes
+        empty = np.zeros(0, dtype="<u2")
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def find_shards(data_dir: Path, split: str, limit: int | None = None) -> list[Path]:
+    """The sorted ``fineweb_{split}_*.bin`` shards in ``data_dir`` (the first ``limit`` if given)."""
+    data_dir = Path(data_dir)
+    pattern = f"fineweb_{split}_*.bin"
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder does not exist (expected shards named {pattern})")
+    paths = sorted(p for p in data_dir.glob(pattern) if p.is_file())
+    if not paths:
+        raise DataError(f"{data_dir}: no {split} shards found (expected files matching {pattern})")
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"{data_dir}: shard limit must be at least 1, got {limit}")
+        paths = paths[:limit]
+    return paths
+
+
+def check_shards(paths: Sequence[Path]) -> int:
+    """Read every shard header (so a bad shard fails before training); return the total token count."""
+    return sum(read_header(Path(p)) for p in paths)
+
+
+def load_tokens(paths: Sequence[Path]) -> torch.Tensor:
+    """Concatenate whole shards (e.g. the validation split) into one 1-D int32 tensor."""
+    if not paths:
+        raise DataError("no shards given to load")
+    parts = [np.asarray(load_shard(Path(p)), dtype=np.int32) for p in paths]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+class TokenStream:
+    """Reads the shards front to back in the given order, wrapping around at the end.
+
+    Shards are memory-mapped lazily, one at a time. The position is ``(shard, pos)``: the next
+    token is ``pos`` in shard number ``shard``.
+    """
+
+    def __init__(self, paths: Sequence[Path]):
+        if not paths:
+            raise DataError("no shards given to stream tokens from")
+        self.paths = [Path(p) for p in paths]
+        self.shard = 0
+        self.pos = 0
+        self._tokens: np.ndarray | None = None
+
+    def _current(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = load_shard(self.paths[self.shard])
+        return self._tokens
+
+    def _advance(self) -> None:
+        self.shard = (self.shard + 1) % len(self.paths)
+        self.pos = 0
+        self._tokens = None
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` tokens as int64, crossing shard boundaries and wrapping around."""
+        if n < 0:
+            raise ValueError(f"cannot take a negative number of tokens ({n})")
+        out = np.empty(n, dtype=np.int64)
+        filled, empty_in_a_row = 0, 0
+        while filled < n:
+            tokens = self._current()
+            k = min(n - filled, len(tokens) - self.pos)
+            if k <= 0:
+                empty_in_a_row += 1
+                if empty_in_a_row > len(self.paths):
+                    raise DataError(f"all {len(self.paths)} shards are empty; nothing to stream")
+                self._advance()
+                continue
+            empty_in_a_row = 0
+            out[filled : filled + k] = tokens[self.pos : self.pos + k]
+            filled += k
+            self.pos += k
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position, to restore with :meth:`load_state_dict`."""
+        return {"shard": self.shard, "pos": self.pos, "num_shards": len(self.paths)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict` (over the same shard list)."""
+        shard, pos = int(state["shard"]), int(state["pos"])
+        num = int(state.get("num_shards", len(self.paths)))
+        if num != len(self.paths) or not 0 <= shard < len(self.paths) or pos < 0:
+            raise DataError(
+                f"cannot restore token stream state {state}: it was saved over {num} shards, "
+                f"this stream has {len(self.paths)}"
+            )
+        self.shard, self.pos, self._tokens = shard, pos, None
+
+    def reset(self) -> None:
+        """Back to the first token of the first shard."""
+        self.shard, self.pos, self._tokens = 0, 0, None
+
+
+class DistributedTokenLoader:
+    """The baseline's loader: every rank reads the same stream and keeps its own span.
+
+    Each :meth:`next_batch` takes ``world_size * (local_tokens + 1)`` contiguous tokens; rank ``r``
+    keeps span ``r`` of length ``local_tokens + 1`` and returns inputs ``span[:-1]`` and targets
+    ``span[1:]``, each shaped ``(local_tokens // seq_len, seq_len)``.
+    """
+
+    def __init__(self, paths: Sequence[Path], rank: int, world_size: int):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not valid for world_size {world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self.stream = TokenStream(paths)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(x, y)`` int64 CPU tensors of shape ``(local_tokens // seq_len, seq_len)``."""
+        if seq_len < 1 or local_tokens < seq_len or local_tokens % seq_len:
+            raise ValueError(
+                f"local_tokens ({local_tokens}) must be a positive multiple of seq_len ({seq_len})"
+            )
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        local = torch.from_numpy(chunk[self.rank * span : (self.rank + 1) * span])
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The underlying stream's position."""
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict`."""
+        self.stream.load_state_dict(state)
+
+    def reset(self) -> None:
+        """Back to the start of the first shard."""
+        self.stream.reset()

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny stacks, a session cache for the default corpus, a real-text dataset."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
+SP1024 = ASSETS / "fineweb_1024_bpe.model"  # copy of the challenge tokenizer
+BASELINE = REPO / "stacks" / "baseline_sp1024.yaml"
+
+TINY: dict[str, Any] = {
+    "base": str(BASELINE),
+    "name": "tiny",
+    "model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2},
+    "train": {
+        "train_seq_len": 64,
+        "train_batch_tokens": 1024,
+        "micro_batch_tokens": 512,
+        "iterations": 8,
+        "max_wallclock_seconds": 0,
+        "warmdown_iters": 4,
+        "warmup_steps": 1,
+        "val_loss_every": 0,
+        "train_log_every": 4,
+        "threads": 2,
+    },
+    "eval": {"batch_tokens": 4096},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder for the default corpus shared by the whole test session."""
+    return tmp_path_factory.mktemp("pgolf-cache")
+
+
+def tiny_stack(cache_dir: Path | None = None, **sections: Any) -> dict[str, Any]:
+    """The tiny CPU stack as a mapping; keyword arguments deep-merge into its sections."""
+    d = copy.deepcopy(TINY)
+    if cache_dir is not None:
+        d["data"] = {"cache_dir": str(cache_dir)}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(d.get(key), dict):
+            d[key].update(value)
+        else:
+            d[key] = value
+    return d
+
+
+def real_text_documents(n: int) -> list[str]:
+    """Real English (standard-library docstrings) that the challenge tokenizer encodes without
+    <unk> and that its normalization leaves unchanged, so byte counts can be checked exactly."""
+    import sentencepiece as spm
+
+    from pgolf.registry.corpus import stdlib_documents
+
+    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+    out = []
+    for doc in stdlib_documents():
+        text = " ".join(doc.split())
+        if not text.isascii():
+            continue
+        ids = sp.encode(text)
+        if sp.unk_id() in ids or sp.decode(ids) != text:
+            continue
+        out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_dataset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[str]]]:
+    """Shards built with the challenge tokenizer from 300 real documents; the first 12 are validation."""
+    import json
+
+    from pgolf.registry.corpus import build_dataset
+
+    docs = real_text_documents(300)
+    root = tmp_path_factory.mktemp("text-data")
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    build_dataset([src], root / "data", tokenizer=SP1024, val_docs=12)
+    yield root / "data", docs[:12]
+
+
+@pytest.fixture
+def chdir_tmp(tmp_path: Path) -> Iterator[Path]:
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        yield tmp_path
+    finally:
+        os.chdir(old)

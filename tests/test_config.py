@@ -1,0 +1,151 @@
+"""Stacks: schema, inheritance, overrides, every error at once with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BASELINE, REPO
+
+from pgolf.registry import ConfigError, PgolfError
+from pgolf.registry.config import load_stack, stack_from_dict
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def problems_of(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
+    return dict(exc.value.problems)
+
+
+def test_baseline_stack_equals_the_challenge_defaults() -> None:
+    rs = load_stack(BASELINE)
+    m, t, o = rs.stack.model, rs.stack.train, rs.stack.optim
+    assert (m.vocab_size, m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_hidden) == (
+        1024, 9, 512, 8, 4, 1024)  # fmt: skip
+    assert (m.tie_embeddings, m.tied_embed_init_std, m.rope_base, m.logit_softcap, m.qk_gain_init) == (
+        True, 0.005, 10000.0, 30.0, 1.5)  # fmt: skip
+    assert (t.train_seq_len, t.train_batch_tokens, t.iterations, t.max_wallclock_seconds) == (1024, 524288, 20000, 600)
+    assert (t.warmdown_iters, t.warmup_steps, t.val_loss_every, t.train_log_every, t.grad_clip_norm) == (
+        1200, 20, 1000, 200, 0.0)  # fmt: skip
+    assert (o.matrix_lr, o.scalar_lr, o.tied_embed_lr, o.embed_lr, o.head_lr) == (0.04, 0.04, 0.05, 0.6, 0.008)
+    assert (o.muon_momentum, o.muon_momentum_warmup_start, o.muon_momentum_warmup_steps, o.muon_backend_steps) == (
+        0.95, 0.85, 500, 5)  # fmt: skip
+    assert (o.beta1, o.beta2, o.adam_eps) == (0.9, 0.95, 1e-8)
+    assert rs.stack.seed == 1337 and rs.stack.export.artifact_limit == 16_000_000
+    assert rs.technique_names() == ["int8_rowwise", "zlib"]
+    q = rs.techniques[0].params
+    assert (q.clip_percentile, q.keep_float_max_numel) == (99.99984, 65536)  # type: ignore[attr-defined]
+    assert rs.techniques[1].params.level == 9  # type: ignore[attr-defined]
+
+
+def test_child_inherits_and_overrides_one_level(tmp_path: Path) -> None:
+    child = write(tmp_path / "c.yaml", f"base: {BASELINE}\nmodel: {{num_layers: 11}}\ntechniques: {{xsa: {{}}}}\n")
+    rs = load_stack(child, ["model.mlp_mult=3", "techniques.xsa.layers=last(2)", "train.device=cpu"])
+    assert rs.stack.model.num_layers == 11 and rs.stack.model.model_dim == 512
+    assert rs.stack.model.mlp_mult == 3.0 and rs.stack.train.device == "cpu"
+    assert rs.techniques[0].params.layers.dump() == "last(2)"  # type: ignore[attr-defined]
+
+
+def test_a_technique_set_to_null_is_removed(tmp_path: Path) -> None:
+    parent = write(tmp_path / "p.yaml", "techniques: {xsa: {}, ema: {decay: 0.99}}\n")
+    child = write(tmp_path / "c.yaml", "base: p.yaml\ntechniques: {xsa: null, ema: {}}\n")
+    rs = load_stack(child)
+    assert rs.technique_names() == ["ema", "int8_rowwise", "zlib"]
+    assert rs.techniques[0].params.decay == 0.99  # type: ignore[attr-defined]
+    assert load_stack(child, ["techniques.ema=null"]).technique_names() == ["int8_rowwise", "zlib"]
+
+
+def test_only_one_level_of_inheritance(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "seed: 1\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    c = write(tmp_path / "c.yaml", "base: b.yaml\n")
+    with pytest.raises(ConfigError, match="only one level of inheritance"):
+        load_stack(c)
+
+
+def test_every_problem_is_reported_at_once_with_key_paths(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "bad.yaml",
+        "model: {num_layers: 0, model_dim: wide, num_hedas: 8}\n"
+        "train: {iterations: -1}\n"
+        "techniques:\n  bigram_hsh: {}\n  xsa: {layers: last(4), strength: 2}\n  ema: {decay: 1.5}\n"
+        "trian: {}\n",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_stack(f)
+    p = problems_of(e)
+    assert "greater than or equal to 1 (got 0)" in p["model.num_layers"]
+    assert "valid integer" in p["model.model_dim"] and "'wide'" in p["model.model_dim"]
+    assert p["model.num_hedas"] == "unknown key (did you mean 'num_heads'?)"
+    assert "greater than or equal to 0 (got -1)" in p["train.iterations"]
+    assert "unknown technique 'bigram_hsh' (did you mean 'bigram_hash'?)" in p["techniques.bigram_hsh"]
+    assert p["techniques.xsa.strength"] == "unknown key"
+    assert "less than 1 (got 1.5)" in p["techniques.ema.decay"]
+    assert p["trian"].startswith("unknown key (did you mean 'train'?)")
+    assert str(f) in str(e.value) and "8 problems" in str(e.value)
+
+
+def test_layer_selector_out_of_range_names_the_key() -> None:
+    with pytest.raises(ConfigError) as e:
+        stack_from_dict({"model": {"num_layers": 4}, "techniques": {"xsa": {"layers": [2, 7]}}})
+    assert problems_of(e) == {"techniques.xsa.layers": "layer 7 is out of range for num_layers=4"}
+    with pytest.raises(ConfigError, match="expected 'all', 'none'"):
+        stack_from_dict({"techniques": {"xsa": {"layers": "lats(3)"}}})
+
+
+def test_cross_field_shape_checks() -> None:
+    with pytest.raises(ConfigError) as e:
+        stack_from_dict({"model": {"model_dim": 100, "num_heads": 8}, "train": {"micro_batch_tokens": 1000}})
+    p = problems_of(e)
+    assert "model_dim=100 must be divisible by num_heads=8" in p["model"]
+    assert "must be a multiple of train_seq_len=1024" in p["train"]
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    f = write(tmp_path / "broken.yaml", "model:\n  num_layers: 9\n  model_dim: [512\n")
+    with pytest.raises(ConfigError) as e:
+        load_stack(f)
+    assert "broken.yaml" in str(e.value) and "malformed YAML at line" in str(e.value)
+
+
+def test_duplicate_yaml_keys_are_rejected(tmp_path: Path) -> None:
+    f = write(tmp_path / "dup.yaml", "seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'seed'"):
+        load_stack(f)
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(PgolfError, match="expected KEY.PATH=VALUE"):
+        load_stack(BASELINE, ["model.num_layers"])
+    with pytest.raises(PgolfError, match="model.num_layers is not a mapping"):
+        load_stack(BASELINE, ["model.num_layers.x=1"])
+
+
+def test_missing_stack_file() -> None:
+    with pytest.raises(PgolfError, match="stack file 'nope.yaml' does not exist"):
+        load_stack("nope.yaml")
+
+
+def test_data_path_requires_tokenizer_and_is_made_absolute(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.tokenizer is required"):
+        stack_from_dict({"data": {"path": "x"}})
+    rs = stack_from_dict({"data": {"path": "shards", "tokenizer": "tok.model"}}, base_dir=tmp_path)
+    assert Path(rs.stack.data.path or "").is_absolute()
+
+
+def test_resolved_yaml_reloads_to_the_same_stack(tmp_path: Path) -> None:
+    rs = load_stack(REPO / "stacks" / "first_five.yaml")
+    out = write(tmp_path / "resolved.yaml", rs.to_yaml())
+    again = load_stack(out)
+    assert again.hash() == rs.hash()
+    assert again.technique_names() == rs.technique_names()
+    assert yaml.safe_load(out.read_text())["techniques"]["xsa"] == {"layers": "last(4)"}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "stacks").glob("*.yaml")))
+def test_every_example_stack_validates(name: str) -> None:
+    load_stack(REPO / "stacks" / name)
