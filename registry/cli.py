@@ -68,7 +68,9 @@ def _relaunch(nproc: int, argv: Sequence[str]) -> int:
         "pgolf.registry.cli",
         *rest,
     ]
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
 
 
 def _default_out(name: str) -> Path:

@@ -55,12 +55,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Rotary(nn.Module):
     """RoPE tables (base 10 000 over the full head dim); cached per length and device."""
 
-    inv_freq: Tensor
-
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # a plain tensor, not a buffer: the model has no buffers for DDP to broadcast
+        self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -33,7 +33,7 @@ from .export import (
 )
 from .model import GPT, attention_kernel, build_model, count_params
 from .progress import LiveProgress, RunLog
-from .roles import Role, format_role_table, role_table
+from .roles import Role, format_role_table, role_table, set_role
 from .runtime import DistEnv, Runtime, make_runtime, seed_everything, shutdown, versions
 from .technique import Technique
 from .train import Trainer, grad_accum_steps
@@ -149,7 +149,11 @@ def build(
         qk_gain_init=m.qk_gain_init,
         attention=attention_kernel(attention, device),
     )
-    return model.to(device)
+    roles = role_table(model)
+    model = model.to(device)  # moving may replace Parameter objects (e.g. to "meta"): relabel them
+    for name, p in model.named_parameters():
+        set_role(p, roles[name])
+    return model
 
 
 def surrogate_weights_(model: nn.Module, seed: int) -> None:

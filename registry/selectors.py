@@ -77,12 +77,7 @@ class LayerSelector:
             self.resolve(num_layers)
         except ValueError as e:
             return str(e)
-        if self.kind in ("last", "first") and self.n > num_layers:
-            return f"{self.dump()} asks for more layers than num_layers={num_layers}"
-        return None
-
-    def __contains__(self, layer: object) -> bool:  # pragma: no cover - convenience
-        raise TypeError("use selector.resolve(num_layers) to test membership")
+        return None  # last(N)/first(N) with N > num_layers simply pick every layer
 
     def __str__(self) -> str:
         return str(self.dump())

@@ -244,9 +244,7 @@ class Registry:
         self._entry_points_loaded = True
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             try:
-                obj = ep.load()
-                if isinstance(obj, type) and issubclass(obj, Technique) and ep.name not in self._entries:
-                    self.add(ep.name, obj, origin=f"entry point {ep.name} = {ep.value}")
+                self.add(ep.name, ep.load(), origin=f"entry point {ep.name} = {ep.value}")
             except Exception as e:  # one broken plugin must not break the registry
                 detail = e if isinstance(e, PgolfError) else _short_exc(e)
                 self._broken[ep.name] = f"plugin entry point {ep.name} = {ep.value} failed to load: {detail}"

@@ -98,7 +98,7 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
         wrapped = torch.compile(model, dynamic=False, fullgraph=True)  # type: ignore[assignment]
     if runtime.distributed:
         ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-        wrapped = DDP(wrapped, device_ids=ids, broadcast_buffers=False)
+        wrapped = DDP(wrapped, device_ids=ids)  # the model has no buffers to broadcast
     return wrapped
 
 

@@ -28,10 +28,21 @@ def test_baseline_stack_equals_the_challenge_defaults() -> None:
         1024, 9, 512, 8, 4, 1024)  # fmt: skip
     assert (m.tie_embeddings, m.tied_embed_init_std, m.rope_base, m.logit_softcap, m.qk_gain_init) == (
         True, 0.005, 10000.0, 30.0, 1.5)  # fmt: skip
-    assert (t.train_seq_len, t.train_batch_tokens, t.iterations, t.max_wallclock_seconds) == (1024, 524288, 20000, 600)
+    assert (t.train_seq_len, t.train_batch_tokens, t.iterations, t.max_wallclock_seconds) == (
+        1024,
+        524288,
+        20000,
+        600,
+    )
     assert (t.warmdown_iters, t.warmup_steps, t.val_loss_every, t.train_log_every, t.grad_clip_norm) == (
         1200, 20, 1000, 200, 0.0)  # fmt: skip
-    assert (o.matrix_lr, o.scalar_lr, o.tied_embed_lr, o.embed_lr, o.head_lr) == (0.04, 0.04, 0.05, 0.6, 0.008)
+    assert (o.matrix_lr, o.scalar_lr, o.tied_embed_lr, o.embed_lr, o.head_lr) == (
+        0.04,
+        0.04,
+        0.05,
+        0.6,
+        0.008,
+    )
     assert (o.muon_momentum, o.muon_momentum_warmup_start, o.muon_momentum_warmup_steps, o.muon_backend_steps) == (
         0.95, 0.85, 500, 5)  # fmt: skip
     assert (o.beta1, o.beta2, o.adam_eps) == (0.9, 0.95, 1e-8)
@@ -43,7 +54,9 @@ def test_baseline_stack_equals_the_challenge_defaults() -> None:
 
 
 def test_child_inherits_and_overrides_one_level(tmp_path: Path) -> None:
-    child = write(tmp_path / "c.yaml", f"base: {BASELINE}\nmodel: {{num_layers: 11}}\ntechniques: {{xsa: {{}}}}\n")
+    child = write(
+        tmp_path / "c.yaml", f"base: {BASELINE}\nmodel: {{num_layers: 11}}\ntechniques: {{xsa: {{}}}}\n"
+    )
     rs = load_stack(child, ["model.mlp_mult=3", "techniques.xsa.layers=last(2)", "train.device=cpu"])
     assert rs.stack.model.num_layers == 11 and rs.stack.model.model_dim == 512
     assert rs.stack.model.mlp_mult == 3.0 and rs.stack.train.device == "cpu"
@@ -51,7 +64,7 @@ def test_child_inherits_and_overrides_one_level(tmp_path: Path) -> None:
 
 
 def test_a_technique_set_to_null_is_removed(tmp_path: Path) -> None:
-    parent = write(tmp_path / "p.yaml", "techniques: {xsa: {}, ema: {decay: 0.99}}\n")
+    write(tmp_path / "p.yaml", "techniques: {xsa: {}, ema: {decay: 0.99}}\n")
     child = write(tmp_path / "c.yaml", "base: p.yaml\ntechniques: {xsa: null, ema: {}}\n")
     rs = load_stack(child)
     assert rs.technique_names() == ["ema", "int8_rowwise", "zlib"]

@@ -39,7 +39,9 @@ def test_every_target_is_scored_once_in_order(n_tokens: int) -> None:
             nll.append(model(x, y, reduction="none")[0])
         nbytes += int(target_bytes(x, y, lut).sum())
     ref = torch.cat(nll)
-    assert res.tokens == n_tokens - 1 == ref.numel() and windows(n_tokens, 16) == math.ceil((n_tokens - 1) / 16)
+    assert res.tokens == n_tokens - 1 == ref.numel() and windows(n_tokens, 16) == math.ceil(
+        (n_tokens - 1) / 16
+    )
     assert res.nll is not None and torch.allclose(torch.from_numpy(res.nll), ref, atol=1e-5)
     assert res.loss_sum == pytest.approx(float(ref.double().sum()), rel=1e-6)
     assert res.bytes == nbytes

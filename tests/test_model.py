@@ -79,7 +79,10 @@ def test_rotary_matches_complex_rotation_of_half_split_pairs() -> None:
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     ang = torch.outer(torch.arange(T).float(), inv)
     out = apply_rotary(x, ang.cos(), ang.sin())
-    z = torch.complex(x[..., : D // 2], x[..., D // 2 :]) * torch.polar(torch.ones_like(ang), -ang)[None, :, None]
+    z = (
+        torch.complex(x[..., : D // 2], x[..., D // 2 :])
+        * torch.polar(torch.ones_like(ang), -ang)[None, :, None]
+    )
     assert torch.allclose(out, torch.cat((z.real, z.imag), dim=-1), atol=1e-6)
 
 

@@ -44,7 +44,9 @@ def test_newton_schulz_makes_singular_values_near_one() -> None:
     assert s.min() > 0.5 and s.max() < 1.3  # the quintic's fixed point band, not exactly 1
 
 
-def reference_muon(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float, momentum: float) -> None:
+def reference_muon(
+    params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float, momentum: float
+) -> None:
     """The baseline's Muon written out per matrix, one step per list of gradients."""
     bufs = [torch.zeros_like(p) for p in params]
     for step_grads in grads:

@@ -92,7 +92,9 @@ def test_unknown_technique_suggests_close_names() -> None:
 
 
 def test_builtins_are_loaded_from_the_package() -> None:
-    assert {"bigram_hash", "xsa", "leaky_relu_sq", "ema", "brotli", "zlib", "int8_rowwise"} <= set(REGISTRY.names())
+    assert {"bigram_hash", "xsa", "leaky_relu_sq", "ema", "brotli", "zlib", "int8_rowwise"} <= set(
+        REGISTRY.names()
+    )
 
 
 PLUGIN_SRC = '''
@@ -163,7 +165,9 @@ def test_resolve_adds_slot_defaults_and_rejects_two_codecs() -> None:
     assert [r.name for r in ordered] == ["xsa", "int8_rowwise", "zlib"]
     assert [r.implicit for r in ordered] == [False, True, True]
     _, problems = resolve_techniques({"brotli": {}, "zlib": {}})
-    assert problems == [("techniques", "techniques 'brotli' and 'zlib' both fill the exclusive 'codec' slot; keep one")]
+    assert problems == [
+        ("techniques", "techniques 'brotli' and 'zlib' both fill the exclusive 'codec' slot; keep one")
+    ]
 
 
 def test_requires_and_conflicts_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,61 @@
+"""A technique from a separately installed package, found through the `pgolf.techniques` entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, tiny_stack
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pip-install tests/plugin_pkg (a package outside pgolf) into a private folder."""
+    root = tmp_path_factory.mktemp("plugin")
+    src = root / "src"
+    shutil.copytree(REPO / "tests" / "plugin_pkg", src)
+    site = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(src)],
+        check=True, timeout=300,
+    )  # fmt: skip
+    return site
+
+
+def pgolf(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run([sys.executable, "-m", "pgolf.registry.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_plugin_is_listed_with_its_origin(plugin_site: Path, tmp_path: Path) -> None:
+    proc = pgolf(["techniques", "smear_gate"], plugin_site, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "entry point smear_gate = pgolf_smear_gate:SmearGate" in proc.stdout
+    assert "window: 12" in proc.stdout and "lam  scalar  role=scalar" in proc.stdout
+
+
+def test_a_stack_uses_the_plugin_by_name(plugin_site: Path, tmp_path: Path, cache_dir: Path) -> None:
+    stack = tiny_stack(cache_dir, techniques={"smear_gate": {"window": 8}, "xsa": {}})
+    f = tmp_path / "plugin_stack.yaml"
+    f.write_text(yaml.safe_dump(stack))
+    proc = pgolf(["run", str(f), "--out", str(tmp_path / "out"), "--quiet"], plugin_site, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["techniques"][:2] == ["smear_gate", "xsa"]
+    assert "__init__.py" in result["code_files"]  # the plugin's source is counted code
+
+
+def test_without_the_package_the_name_is_unknown(tmp_path: Path, cache_dir: Path) -> None:
+    f = tmp_path / "plugin_stack.yaml"
+    f.write_text(yaml.safe_dump(tiny_stack(cache_dir, techniques={"smear_gate": {}})))
+    proc = subprocess.run([sys.executable, "-m", "pgolf.registry.cli", "check", str(f)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "unknown technique 'smear_gate'" in proc.stderr
