@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text-key", default="text", help="field of each .jsonl record holding the text")
     b.set_defaults(func=cmd_data_build)
 
+    from .bench import add_command as add_bench
+
+    add_bench(sub)
     try:
         from pgolf.search.cli import add_commands
     except ImportError:  # the search harness is optional on GPU boxes without ray/optuna

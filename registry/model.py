@@ -15,6 +15,7 @@ Notable features (all from the baseline ``train_gpt.py``):
 Slots (filled at build time by technique hooks; the forward has no technique branches):
 
 * ``GPT.embed_transforms``      — modules m(x, idx) -> x on the raw embedding (hook ``embed``)
+* ``GPT.rotary``                — the RoPE tables (cos, sin) shared by every layer
 * ``Attention.core``            — the attention kernel (SDPA, or flash-attn when installed)
 * ``Attention.out_transforms``  — modules m(y, v) -> y on per-head outputs (hook ``attn_out``)
 * ``MLP.act``                   — the activation (hook ``mlp_act``; default relu²)
@@ -53,22 +54,19 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """RoPE tables (base 10 000 over the full head dim); cached per length and device."""
+    """RoPE tables over the full head dim (base 10 000), computed once per forward for all layers.
+
+    Stateless, so ``torch.compile`` sees no Python state to guard on and DDP no buffer to sync.
+    """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        # a plain tensor, not a buffer: the model has no buffers for DDP to broadcast
-        self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        c = self._cache
-        if c is None or c[0] != seq_len or c[1] != device:
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            c = (seq_len, device, freqs.cos(), freqs.sin())
-            self._cache = c
-        return c[2], c[3]
+        exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.base**-exponent)
+        return freqs.cos(), freqs.sin()  # (T, D/2) each
 
 
 class SDPAttention(nn.Module):
@@ -155,7 +153,6 @@ class Attention(nn.Module):
     def __init__(
         self,
         spec: ModelSpec,
-        rope_base: float,
         qk_gain_init: float,
         kernel: Callable[[], nn.Module] = SDPAttention,
     ):
@@ -167,17 +164,15 @@ class Attention(nn.Module):
         self.c_v = _linear(d, spec.kv_dim, Role.MATRIX)
         self.proj = _linear(d, d, Role.MATRIX, zero=True)
         self.q_gain = _vector(h, qk_gain_init)
-        self.rotary = Rotary(spec.head_dim, rope_base)
         self.core: nn.Module = kernel()
         self.out_transforms = nn.ModuleList()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = rms_norm(q), rms_norm(k)
-        cos, sin = self.rotary(T, x.device)
         q = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype))
         k = apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -202,22 +197,21 @@ class Block(nn.Module):
     def __init__(
         self,
         spec: ModelSpec,
-        rope_base: float,
         qk_gain_init: float,
         kernel: Callable[[], nn.Module] = SDPAttention,
     ):
         super().__init__()
         d = spec.model_dim
-        self.attn = Attention(spec, rope_base, qk_gain_init, kernel)
+        self.attn = Attention(spec, qk_gain_init, kernel)
         self.mlp = MLP(spec)
         self.attn_scale = _vector(d, 1.0)
         self.mlp_scale = _vector(d, 1.0)
         self.resid_mix = set_role(nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d)))), Role.SCALAR)
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
 
 
@@ -240,9 +234,8 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
         set_role(self.tok_emb.weight, Role.EMBEDDING)
         self.embed_transforms = nn.ModuleList()
-        self.blocks = nn.ModuleList(
-            Block(spec, rope_base, qk_gain_init, attention) for _ in range(spec.num_layers)
-        )
+        self.rotary: nn.Module = Rotary(spec.head_dim, rope_base)
+        self.blocks = nn.ModuleList(Block(spec, qk_gain_init, attention) for _ in range(spec.num_layers))
         self.num_encoder_layers = spec.num_layers // 2
         num_skips = min(self.num_encoder_layers, spec.num_layers - self.num_encoder_layers)
         self.skip_weights = set_role(nn.Parameter(torch.ones(num_skips, spec.model_dim)), Role.SCALAR)
@@ -256,14 +249,15 @@ class GPT(nn.Module):
         for transform in self.embed_transforms:
             x = transform(x, idx)
         x = x0 = rms_norm(x)
+        cos, sin = self.rotary(idx.size(1), idx.device)
         skips: list[Tensor] = []
         for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
+            x = block(x, x0, cos, sin)
             skips.append(x)
         for j, block in enumerate(self.blocks[self.num_encoder_layers :]):
             if skips:
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x = block(x, x0, cos, sin)
         return rms_norm(x)
 
     def logits(self, idx: Tensor) -> Tensor:

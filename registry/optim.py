@@ -12,8 +12,10 @@ per-matrix loop it must agree with.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,12 @@ def newton_schulz(
         B = b * A + c * (A @ A)
         x = a * x + B @ x
     return x.transpose(1, 2) if transposed else x
+
+
+@functools.cache
+def compiled_newton_schulz() -> Callable[[Tensor, int], Tensor]:
+    """:func:`newton_schulz` through ``torch.compile`` (one graph per shape; as the baseline does)."""
+    return cast(Callable[[Tensor, int], Tensor], torch.compile(newton_schulz, dynamic=False, fullgraph=True))
 
 
 class Muon(torch.optim.Optimizer):
@@ -168,6 +176,7 @@ def build_optimizers(
     adam_eps: float,
     rank: int = 0,
     world_size: int = 1,
+    compile_ns: bool = False,
 ) -> OptimizerSet:
     """One optimizer group per role; every parameter is covered (checked by role_table)."""
     roles = role_table(model)
@@ -192,6 +201,7 @@ def build_optimizers(
                 raise ValueError(f"a matrix-role parameter must be 2-D; got shape {tuple(p.shape)}")
         muon = Muon(
             by_role[Role.MATRIX],
+            ns=compiled_newton_schulz() if compile_ns else newton_schulz,
             lr=matrix_lr,
             momentum=muon_momentum,
             backend_steps=muon_backend_steps,

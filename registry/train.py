@@ -88,6 +88,7 @@ def make_optimizers(model: nn.Module, stack: Stack, runtime: Runtime) -> Optimiz
         adam_eps=o.adam_eps,
         rank=runtime.rank,
         world_size=runtime.world_size,
+        compile_ns=runtime.compile,
     )
 
 

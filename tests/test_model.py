@@ -48,7 +48,8 @@ def test_zero_initialised_projections_make_blocks_start_as_identity() -> None:
         assert torch.count_nonzero(block.attn.proj.weight) == 0
         assert torch.count_nonzero(block.mlp.proj.weight) == 0
         x = torch.randn(2, 16, 32)
-        assert torch.equal(block(x, torch.randn_like(x)), x)
+        cos, sin = model.rotary(16, x.device)
+        assert torch.equal(block(x, torch.randn_like(x), cos, sin), x)
     tgt = torch.randint(0, 64, (2, 16))
     assert model(idx, tgt).item() == pytest.approx(math.log(64), abs=0.05)  # tiny logits: ~uniform
 

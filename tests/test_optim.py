@@ -121,3 +121,14 @@ def test_muon_momentum_warms_up_linearly() -> None:
     assert muon_momentum_at(250, **kw) == pytest.approx(0.90)
     assert muon_momentum_at(500, **kw) == pytest.approx(0.95)
     assert muon_momentum_at(10_000, **kw) == pytest.approx(0.95)
+
+
+@pytest.mark.slow
+def test_compiled_newton_schulz_agrees_with_the_reference() -> None:
+    from pgolf.registry.optim import compiled_newton_schulz
+
+    torch.manual_seed(0)
+    g = torch.randn(2, 16, 32)
+    fast = compiled_newton_schulz()(g, 5)
+    for i in range(2):
+        assert rel_err(fast[i], newton_schulz_reference(g[i], 5)) < 0.06
