@@ -12,7 +12,9 @@ splits each contiguous chunk of the stream between ranks exactly like the baseli
 from __future__ import annotations
 
 import os
+import queue
 import secrets
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -251,3 +253,70 @@ class DistributedTokenLoader:
     def reset(self) -> None:
         """Back to the start of the first shard."""
         self.stream.reset()
+
+
+class PrefetchingLoader:
+    """Prepares the next batches of a :class:`DistributedTokenLoader` on a background thread.
+
+    Reading the memory-mapped shards, widening to int64 and (on CUDA) pinning happen while the
+    GPU works on the current batch, so ``x.to(device, non_blocking=True)`` is a true async copy.
+    The batches and their order are exactly those of the wrapped loader (its reference path).
+    """
+
+    def __init__(self, loader: DistributedTokenLoader, local_tokens: int, seq_len: int, *,
+                 depth: int = 4, pin: bool = False):  # fmt: skip
+        self.loader, self.local_tokens, self.seq_len, self.depth, self.pin = (
+            loader, local_tokens, seq_len, depth, pin)  # fmt: skip
+        self._queue: queue.Queue[tuple[torch.Tensor, torch.Tensor] | BaseException] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _work(self, q: queue.Queue[tuple[torch.Tensor, torch.Tensor] | BaseException]) -> None:
+        while not self._stop.is_set():
+            try:
+                x, y = self.loader.next_batch(self.local_tokens, self.seq_len)
+                item: tuple[torch.Tensor, torch.Tensor] | BaseException = (
+                    (x.pin_memory(), y.pin_memory()) if self.pin else (x, y))  # fmt: skip
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                item = e
+            while not self._stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._thread = threading.Thread(target=self._work, args=(self._queue,), daemon=True,
+                                        name="pgolf-prefetch")  # fmt: skip
+        self._thread.start()
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (local_tokens, seq_len) != (self.local_tokens, self.seq_len):
+            raise ValueError(f"this prefetcher serves batches of {self.local_tokens} tokens x {self.seq_len}")
+        if self._queue is None:
+            self._start()
+        assert self._queue is not None
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread and drop the batches read ahead (the wrapped loader's position is then
+        ahead of what was consumed; call :meth:`reset` to start over)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._thread, self._queue = None, None
+
+    def reset(self) -> None:
+        self.close()
+        self.loader.reset()
+
+    def __del__(self) -> None:
+        self._stop.set()

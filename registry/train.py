@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import Stack
-from .data import DistributedTokenLoader
+from .data import DistributedTokenLoader, PrefetchingLoader
 from .errors import PgolfError
 from .optim import OptimizerSet, build_optimizers, lr_multiplier, muon_momentum_at
 from .runtime import Runtime
@@ -133,9 +133,12 @@ class Trainer:
         runtime: Runtime,
         loader: DistributedTokenLoader,
     ):
-        self.model, self.techniques, self.stack, self.runtime, self.loader = (
-            model, techniques, stack, runtime, loader)  # fmt: skip
+        self.model, self.techniques, self.stack, self.runtime = model, techniques, stack, runtime
         self.cfg = stack.train
+        cuda = runtime.device.type == "cuda"  # on a GPU, batches are read ahead into pinned memory
+        self.loader: DistributedTokenLoader | PrefetchingLoader = (
+            PrefetchingLoader(loader, self.cfg.micro_batch_tokens, self.cfg.train_seq_len, pin=True)
+            if cuda else loader)  # fmt: skip
         self.accum = grad_accum_steps(stack, runtime.world_size)
         self.opt = make_optimizers(model, stack, runtime)
         self.wrapped = wrap_model(model, runtime)
@@ -236,6 +239,8 @@ class Trainer:
             if cfg.max_wallclock_seconds > 0 and rt.any_rank(elapsed >= cfg.max_wallclock_seconds):
                 stop, stopped_by = True, "wallclock"
         clock.stop()
+        if isinstance(self.loader, PrefetchingLoader):
+            self.loader.close()
         last_loss = self._check_finite(loss, step) if step > 0 else float("nan")
         self._call_hooks("finalize", model=self.model)
         return TrainResult(step, step * cfg.train_batch_tokens, clock.total, last_loss, stopped_by, history)

@@ -254,3 +254,23 @@ def test_loader_argument_errors(tmp_path: Path) -> None:
         DistributedTokenLoader(paths, rank=0, world_size=1).next_batch(5, 2)
     with pytest.raises(DataError):
         DistributedTokenLoader([], rank=0, world_size=1)
+
+
+def test_prefetching_loader_serves_the_reference_batches_and_restarts(tmp_path: Path) -> None:
+    from pgolf.registry.data import PrefetchingLoader
+
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(path, np.arange(1000) % 500)
+    reference = DistributedTokenLoader([path], 0, 1)
+    expected = [reference.next_batch(32, 8) for _ in range(40)]  # wraps around the shard
+    fast = PrefetchingLoader(DistributedTokenLoader([path], 0, 1), 32, 8, depth=3)
+    for x, y in expected[:25]:
+        fx, fy = fast.next_batch(32, 8)
+        assert torch.equal(fx, x) and torch.equal(fy, y)
+    fast.reset()  # e.g. after the compile warm-up: back to the first batch
+    for x, y in expected:
+        fx, fy = fast.next_batch(32, 8)
+        assert torch.equal(fx, x) and torch.equal(fy, y)
+    fast.close()
+    with pytest.raises(ValueError, match="serves batches of 32 tokens x 8"):
+        fast.next_batch(64, 8)
