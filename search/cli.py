@@ -1,0 +1,234 @@
+"""The search commands of the ``pgolf`` CLI: ``search``, ``results``, ``repeat``, ``compare``.
+
+Importing this module imports neither Ray nor Optuna (a GPU box may lack them, and ``pgolf
+run`` must not pay for them): ``pgolf search`` imports the harness inside its command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pgolf.registry.errors import PgolfError
+
+console = Console(highlight=False, soft_wrap=True)
+if not console.is_terminal and console.width < 160:  # logs and pipes: room for the results table
+    console.width = 160
+
+
+def _study_out(name: str) -> Path:
+    return Path("studies") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .spec import load_search
+
+    if args.resume and args.search:
+        raise PgolfError("give a search file or --resume DIR, not both (a study keeps its own search.yaml)")
+    if not args.resume and not args.search:
+        raise PgolfError("give a search file (pgolf search SEARCH.yaml) or --resume DIR")
+    if args.resume:
+        study_dir = Path(args.resume)
+        from .harness import load_study_spec, run_search
+
+        loaded = load_study_spec(study_dir, args.set)
+    else:
+        loaded = load_search(args.search, args.set)
+        study_dir = Path(args.out) if args.out else _study_out(loaded.name)
+        if study_dir.exists() and any(study_dir.iterdir()):
+            raise PgolfError(
+                f"--out {str(study_dir)!r} already exists and is not empty; continue it with "
+                f"--resume {study_dir} or choose another folder"
+            )
+        from .harness import run_search
+    if not args.quiet:
+        console.print(
+            f"[bold]study[/bold] {study_dir}  ({'resumed' if args.resume else 'new'}; "
+            f"{loaded.spec.search.num_samples} trials × {len(loaded.spec.search.seeds)} seed(s), "
+            f"limit {loaded.spec.constraint.artifact_bytes:,} bytes)"
+        )
+    fresh = not args.resume and not study_dir.exists()
+    try:
+        summary = run_search(
+            loaded,
+            study_dir,
+            address=args.address,
+            resume=bool(args.resume),
+            console=None if args.quiet else console,
+            quiet=args.quiet,
+        )
+    except PgolfError:
+        if fresh and not (study_dir / "trials.jsonl").exists():  # nothing sampled: leave no folder behind
+            shutil.rmtree(study_dir, ignore_errors=True)
+        raise
+    if summary.get("message") and not args.quiet:
+        console.print(summary["message"])
+    _results(study_dir, quiet=args.quiet)
+    trained, total = summary.get("trained"), summary.get("num_samples")
+    if summary.get("gave_up"):
+        console.print(
+            f"[yellow]stopped sampling after {loaded.spec.search.max_resample} rejected samples in a "
+            "row: most of the space does not fit or does not validate; narrow it[/yellow]"
+        )
+    elif trained is not None and total is not None and trained < total:
+        console.print(
+            f"[yellow]{trained}/{total} trials trained; continue with: pgolf search --resume "
+            f"{study_dir}[/yellow]"
+        )
+    return 0
+
+
+def _results(
+    study_dir: Path,
+    *,
+    quiet: bool = False,
+    csv: str | None = None,
+    png: str | None = None,
+    best: str | None = None,
+    top: int | None = None,
+) -> int:
+    from .results import footer, load_study, table, write_all
+
+    study = load_study(study_dir)
+    written = write_all(
+        study, Path(csv) if csv else None, Path(png) if png else None, Path(best) if best else None
+    )
+    if quiet:
+        return 0
+    console.print(table(study, top))
+    for line in footer(study):
+        console.print(line, markup=False)
+    console.print(
+        f"wrote {written.csv}, {written.png}"
+        + (
+            f", {written.best_yaml} (pgolf run {written.best_yaml})"
+            if written.best_yaml
+            else "; no trial completed within the limit, so no best stack"
+        ),
+        markup=False,
+    )
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    return _results(Path(args.dir), csv=args.csv, png=args.png, best=args.best_yaml, top=args.top)
+
+
+def _seed_list(args: argparse.Namespace) -> list[int]:
+    if args.seed_list:
+        try:
+            seeds = [int(s) for s in args.seed_list.replace(",", " ").split()]
+        except ValueError:
+            raise PgolfError(f"--seed-list {args.seed_list!r}: expected integers like 1337,1338") from None
+        if len(set(seeds)) != len(seeds):
+            raise PgolfError(f"--seed-list {args.seed_list!r} has duplicates")
+        return seeds
+    if args.seeds is None or args.seeds < 1:
+        raise PgolfError("give --seeds N (N ≥ 1) or --seed-list 1337,1338,...")
+    return list(range(args.first_seed, args.first_seed + args.seeds))
+
+
+def cmd_repeat(args: argparse.Namespace) -> int:
+    from .repeat import RunScore, repeat
+
+    seeds = _seed_list(args)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / f"{Path(args.stack).stem}-repeat-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+
+    def on_seed(seed: int, score: RunScore | None) -> None:
+        if score is None:
+            console.print(f"seed {seed}: running → {out / f'seed_{seed}'}", markup=False)
+        else:
+            console.print(
+                f"seed {seed}: val_loss {score.val_loss:.5f}  val_bpb {score.val_bpb:.5f}", markup=False
+            )
+
+    summary = repeat(args.stack, seeds, out, args.set, on_seed=on_seed)
+    if summary.skipped:
+        console.print(f"kept earlier results for seed(s) {', '.join(map(str, summary.skipped))}")
+    for line in summary.lines():
+        console.print(f"[bold]{line}[/bold]")
+    console.print(f"runs in {out}; compare with: pgolf compare {out} --vs OTHER_DIR", markup=False)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .repeat import compare
+
+    c = compare(args.a, args.vs)
+    for line in c.lines():
+        console.print(line, markup=False)
+    if args.json:
+        Path(args.json).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+    return 0 if c.bar_met else 1
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``search``, ``results``, ``repeat`` and ``compare`` on the pgolf sub-parsers."""
+    p = sub.add_parser(
+        "search",
+        help="search stacks (Ray Tune + Optuna); sizes every stack before training",
+        description="Run a search YAML, or continue a study with --resume DIR. See docs/search.md.",
+    )
+    p.add_argument("search", nargs="?", help="search YAML file")
+    p.add_argument("--out", help="study folder (default studies/<name>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the study in DIR; finished trials are kept")
+    p.add_argument(
+        "--address",
+        help="join a running Ray cluster (from `ray start --head`), e.g. auto or "
+        "HEAD_IP:6379; the study folder must be on storage every node sees",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a search key, e.g. --set search.num_samples=8 (repeatable; VALUE is YAML)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no live table; results files are still written")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "results", help="rank a study's trials; write results.csv, pareto.png, best_stack.yaml"
+    )
+    p.add_argument("dir", help="a study folder written by `pgolf search`")
+    p.add_argument("--csv", help="CSV path (default DIR/results.csv)")
+    p.add_argument("--png", help="Pareto plot path (default DIR/pareto.png)")
+    p.add_argument("--best-yaml", help="best stack path (default DIR/best_stack.yaml)")
+    p.add_argument("--top", type=int, help="show only the first N rows")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("repeat", help="run one stack on several seeds (for pgolf compare)")
+    p.add_argument("stack", help="stack YAML file")
+    p.add_argument("--seeds", type=int, help="number of seeds: first-seed, first-seed+1, ...")
+    p.add_argument("--first-seed", type=int, default=1337)
+    p.add_argument("--seed-list", help="explicit seeds, e.g. 1337,42,7")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a stack key"
+    )
+    p.add_argument(
+        "--out",
+        help="folder for seed_<s>/ runs (default runs/<stack>-repeat-<time>); "
+        "seeds already done there are kept",
+    )
+    p.set_defaults(func=cmd_repeat)
+
+    p = sub.add_parser(
+        "compare",
+        help="Welch test: is A's val_loss lower than B's (challenge bar)?",
+        description="Exit status 0 when the challenge bar is met (≥ 0.005 nats lower at "
+        "p < 0.01), 1 when not.",
+    )
+    p.add_argument("a", nargs="+", metavar="A_DIR", help="run folders or folders of seed_* runs (group A)")
+    p.add_argument("--vs", nargs="+", required=True, metavar="B_DIR", help="group B (the reference)")
+    p.add_argument("--json", help="also write the numbers as JSON")
+    p.set_defaults(func=cmd_compare)

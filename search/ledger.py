@@ -1,0 +1,90 @@
+"""The study ledger: ``trials.jsonl``, one JSON event per line, appended (and fsync'd) by the
+driver only. It is what ``pgolf results`` reads and what ``--resume`` trusts: a trial whose
+end is in the ledger is never run again.
+
+Every event carries the trial ``number`` (the Optuna trial number, unique in the study) and
+a ``state``; folding the events of a number in order gives the trial's record.
+
+States: ``invalid`` (the sampled stack does not validate), ``infeasible`` (too large: rejected
+before training), ``running``, then ``complete``, ``stopped`` (cut early by ASHA), ``error``
+(raised, ran out of memory or diverged), or ``interrupted`` (the driver died; re-run under a
+new number on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+LEDGER_NAME = "trials.jsonl"
+TRAINED = ("complete", "stopped", "error")  # count toward search.num_samples
+REJECTED = ("infeasible", "invalid")
+FINAL = (*TRAINED, *REJECTED, "interrupted")
+
+
+def _clean(v: Any) -> Any:
+    """JSON without NaN/inf (they become null)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Mapping):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class Ledger:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, event: Mapping[str, Any]) -> None:
+        ev = {"time": round(time.time(), 3), **_clean(dict(event))}
+        line = json.dumps(ev, sort_keys=False, default=str) + "\n"
+        if self._torn_tail():  # a line cut by a crash: end it, so that this event stays whole
+            line = "\n" + line
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _torn_tail(self) -> bool:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) != b"\n"
+        except OSError:  # missing or empty
+            return False
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        if not self.path.is_file():
+            return
+        with self.path.open(encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash mid-write: ignore it
+                    continue
+
+    def records(self) -> dict[int, dict[str, Any]]:
+        return fold(self.events())
+
+
+def fold(events: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Merge the events of each trial number, later keys winning; ``finished_events`` counts
+    how many times a trial reached a final state (exactly once, unless something is wrong)."""
+    out: dict[int, dict[str, Any]] = {}
+    for ev in events:
+        n = int(ev["number"])
+        rec = out.setdefault(n, {"finished_events": 0})
+        rec.update(ev)
+        if ev.get("state") in FINAL:
+            rec["finished_events"] += 1
+    return dict(sorted(out.items()))

@@ -1,0 +1,134 @@
+"""The search space, define-by-run: sample a point with an Optuna trial and apply it to a stack.
+
+A technique toggled by ``techniques.<name>: {optional: true}`` is decided first; the
+parameters under ``techniques.<name>.`` are sampled only when it is on, so Optuna sees a
+conditional space (and TPE with ``group=True`` models each branch on its own).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from pgolf.registry.config import apply_override
+
+from .spec import Dim
+
+
+class TrialLike(Protocol):
+    """The part of ``optuna.Trial`` that sampling uses."""
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float: ...
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+def _ordered(dims: Sequence[Dim]) -> list[Dim]:
+    """Toggles first (in file order), then everything else (in file order)."""
+    return [d for d in dims if d.is_toggle] + [d for d in dims if not d.is_toggle]
+
+
+def encode_choice(dim: Dim, value: Any) -> Any:
+    """The value Optuna stores for a choice (non-scalar choices travel as JSON text)."""
+    return value if dim.scalar_choices else json.dumps(value, sort_keys=True)
+
+
+def suggest(dim: Dim, trial: TrialLike) -> Any:
+    if dim.kind == "optional":
+        return bool(trial.suggest_categorical(dim.key, [False, True]))
+    if dim.kind == "choice":
+        if dim.scalar_choices:
+            return trial.suggest_categorical(dim.key, list(dim.choices))
+        return json.loads(trial.suggest_categorical(dim.key, [encode_choice(dim, c) for c in dim.choices]))
+    assert dim.low is not None and dim.high is not None
+    if dim.kind == "int":
+        return trial.suggest_int(dim.key, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
+    if dim.kind == "logfloat":
+        return trial.suggest_float(dim.key, float(dim.low), float(dim.high), log=True)
+    return trial.suggest_float(dim.key, float(dim.low), float(dim.high), step=dim.step)
+
+
+def sample(dims: Sequence[Dim], trial: TrialLike) -> dict[str, Any]:
+    """One point of the space: {stack key: value}. A technique's parameters appear only when
+    the technique is on (or is in the base stack and not toggled)."""
+    point: dict[str, Any] = {}
+    on: dict[str, bool] = {}
+    for d in _ordered(dims):
+        tech = d.technique
+        if not d.is_toggle and tech is not None and tech in on and not on[tech]:
+            continue
+        value = suggest(d, trial)
+        point[d.key] = value
+        if d.is_toggle and tech is not None:
+            on[tech] = value
+    return point
+
+
+def encode_point(dims: Sequence[Dim], point: Mapping[str, Any]) -> dict[str, Any]:
+    """A (partial) point as Optuna parameters, e.g. for ``study.enqueue_trial``."""
+    by_key = {d.key: d for d in dims}
+    return {k: encode_choice(by_key[k], v) if by_key[k].kind == "choice" else v for k, v in point.items()}
+
+
+def apply(base: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:
+    """The stack mapping ``base`` with the point's values set (toggles add or remove techniques)."""
+    data = copy.deepcopy(dict(base))
+    techs: dict[str, Any] = dict(data.get("techniques") or {})
+    for key, value in point.items():
+        parts = key.split(".")
+        if parts[0] == "techniques" and len(parts) == 2:
+            if value:
+                techs.setdefault(parts[1], {})
+            else:
+                techs.pop(parts[1], None)
+    for key, value in point.items():
+        parts = key.split(".")
+        if parts[0] == "techniques":
+            if len(parts) == 3:
+                entry = techs.get(parts[1])
+                entry = dict(entry) if isinstance(entry, Mapping) else {}
+                entry[parts[2]] = value
+                techs[parts[1]] = entry
+            continue
+        apply_override(data, parts, value)
+    data["techniques"] = techs
+    return data
+
+
+def describe_point(point: Mapping[str, Any]) -> str:
+    """Short text of a point, e.g. ``num_layers=3 matrix_lr=0.042 +bigram_hash(buckets=1024) -ema``."""
+    toggles = {
+        k.split(".")[1]: v for k, v in point.items() if k.startswith("techniques.") and k.count(".") == 1
+    }
+    tparams: dict[str, list[str]] = {}
+    out: list[str] = []
+    for k, v in point.items():
+        parts = k.split(".")
+        if parts[0] == "techniques":
+            if len(parts) == 3:
+                tparams.setdefault(parts[1], []).append(f"{parts[2]}={fmt_value(v)}")
+            continue
+        out.append(f"{parts[-1]}={fmt_value(v)}")
+    names = list(dict.fromkeys([*toggles, *tparams]))
+    for name in names:
+        if toggles.get(name) is False:
+            out.append(f"-{name}")
+            continue
+        sign = "+" if toggles.get(name) else ""
+        inner = ",".join(tparams.get(name, []))
+        out.append(f"{sign}{name}({inner})" if inner else f"{sign}{name}")
+    return " ".join(out)
+
+
+def fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return str(v)
