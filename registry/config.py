@@ -441,7 +441,7 @@ def _absolute_data(data: DataConfig, base_dir: Path) -> DataConfig:
         update={
             "path": fix(data.path),
             "tokenizer": fix(data.tokenizer),
-            "cache_dir": data.cache_dir and str(Path(data.cache_dir).expanduser()),
+            "cache_dir": data.cache_dir and str(Path(data.cache_dir).expanduser().resolve()),
         }
     )
 

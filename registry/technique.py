@@ -84,6 +84,14 @@ def hook(fn: F) -> F:
     return fn
 
 
+LEGALITY_TAGS: dict[str, str] = {
+    "score_first": "evaluation-time: every token is scored before any update that depends on it "
+    "(legal test-time training, caches built from already-scored tokens)",
+    "needs_review": "evaluation-time behaviour whose legality is not settled (e.g. SLOT, logit-bias "
+    "fitting); results that use it are flagged as not legal",
+}
+"""Tags a technique may carry in ``legality`` (challenge rules: README FAQ and Issue #1017)."""
+
 ParamsBase = Params  # the name ``Params`` is shadowed inside Technique by its class attribute
 
 
@@ -96,7 +104,7 @@ class Technique:
     ``requires``     names of techniques that must also be in the stack.
     ``conflicts``    names of techniques that may not be in the same stack.
     ``before``/``after``  ordering constraints among techniques present in the stack.
-    ``legality``     tags for evaluation-time behaviour (e.g. ``"score_first"``).
+    ``legality``     tags for evaluation-time behaviour, from :data:`LEGALITY_TAGS`.
     ``gain_at_end``  True when its benefit only shows at the end of training (EMA, QAT, ...):
                      a search scheduler must not stop such a trial before its last report.
     """
@@ -213,6 +221,11 @@ class Registry:
                 f"built-in technique {name!r} must live in techniques/{name}.py (found {module})"
             )
         hooks = _check_hooks(name, cls)
+        unknown = [t for t in cls.legality if t not in LEGALITY_TAGS]
+        if unknown:
+            raise PgolfError(
+                f"technique {name!r}: unknown legality tag(s) {unknown}; allowed: {', '.join(LEGALITY_TAGS)}"
+            )
         if name in self._entries and not override:
             prev = self._entries[name]
             if prev is cls:

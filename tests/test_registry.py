@@ -178,3 +178,9 @@ def test_requires_and_conflicts_are_reported(monkeypatch: pytest.MonkeyPatch) ->
     _, problems = resolve_techniques({"needs_ema": {}, "hates_xsa": {}, "xsa": {}})
     assert ("techniques.needs_ema", "requires technique 'ema'; add it to the stack") in problems
     assert ("techniques.hates_xsa", "conflicts with technique 'xsa'; remove one of them") in problems
+
+
+def test_legality_tags_come_from_a_fixed_vocabulary() -> None:
+    Registry().add("fine", make(legality=("score_first",)))
+    with pytest.raises(PgolfError, match=r"unknown legality tag\(s\) \['legal_enough'\]; allowed: score_first"):
+        Registry().add("vague", make(legality=("legal_enough",)))
