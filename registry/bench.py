@@ -1249,6 +1249,8 @@ def regenerate_readme(results_dir: Path, readme: Path) -> str:
 
 def add_command(subparsers: Any) -> None:
     """Register ``pgolf bench`` on the CLI's subparsers."""
+    from .cli import add_set_argument
+
     p = subparsers.add_parser(
         "bench",
         help="measure a stack's training tokens/s, MFU, memory, eval and export time on one device",
@@ -1256,13 +1258,7 @@ def add_command(subparsers: Any) -> None:
         "bench/results/<date>-<device>-<stack>.json; regenerate bench/README.md.",
     )
     p.add_argument("stack", nargs="?", help="stack YAML file")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a stack key, e.g. --set model.num_layers=11 (repeatable; VALUE is YAML)",
-    )
+    add_set_argument(p)
     p.add_argument("--steps", type=int, default=BenchOptions.steps, help="timed optimizer steps (default 20)")
     p.add_argument(
         "--warmup",

@@ -324,13 +324,16 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def add_set_argument(
+    p: argparse.ArgumentParser, what: str = "stack", example: str = "model.num_layers=11"
+) -> None:
+    """The repeatable ``--set KEY.PATH=VALUE`` override shared by every command that reads a YAML."""
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY.PATH=VALUE",
-        help="override a stack key, e.g. --set model.num_layers=11 (repeatable; VALUE is YAML)",
+        help=f"override a {what} key, e.g. --set {example} (repeatable; VALUE is YAML)",
     )
 
 
@@ -340,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train, export, reload and score a stack")
     p.add_argument("stack", help="stack YAML file")
-    _add_set(p)
+    add_set_argument(p)
     p.add_argument("--out", help="output folder (default runs/<name>-<time>)")
     p.add_argument("--nproc", type=int, default=0, help="processes (GPUs) to launch through torchrun")
     p.add_argument("--quiet", action="store_true", help="no console output (run.log is still written)")
@@ -349,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a stack and estimate its artifact size without training")
     p.add_argument("stack")
-    _add_set(p)
+    add_set_argument(p)
     p.add_argument("--no-estimate", action="store_true")
     p.set_defaults(func=cmd_check)
 

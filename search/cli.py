@@ -174,6 +174,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Register ``search``, ``results``, ``repeat`` and ``compare`` on the pgolf sub-parsers."""
+    from pgolf.registry.cli import add_set_argument
+
     p = sub.add_parser(
         "search",
         help="search stacks (Ray Tune + Optuna); sizes every stack before training",
@@ -187,13 +189,7 @@ def add_commands(sub: Any) -> None:
         help="join a running Ray cluster (from `ray start --head`), e.g. auto or "
         "HEAD_IP:6379; the study folder must be on storage every node sees",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a search key, e.g. --set search.num_samples=8 (repeatable; VALUE is YAML)",
-    )
+    add_set_argument(p, "search", "search.num_samples=8")
     p.add_argument("--quiet", action="store_true", help="no live table; results files are still written")
     p.set_defaults(func=cmd_search)
 
@@ -212,9 +208,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seeds", type=int, help="number of seeds: first-seed, first-seed+1, ...")
     p.add_argument("--first-seed", type=int, default=1337)
     p.add_argument("--seed-list", help="explicit seeds, e.g. 1337,42,7")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a stack key"
-    )
+    add_set_argument(p)
     p.add_argument(
         "--out",
         help="folder for seed_<s>/ runs (default runs/<stack>-repeat-<time>); "

@@ -4,7 +4,6 @@ per-technique mode; the timeline attribution on synthetic CUDA-like profiler eve
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import BASELINE
+from conftest import BASELINE, tiny_stack
 from torch.autograd import DeviceType
 
 from pgolf.registry import PgolfError
@@ -21,23 +20,11 @@ from pgolf.registry import bench as B
 from pgolf.registry.config import stack_from_dict
 from pgolf.registry.technique import REGISTRY
 
-TINY: dict[str, Any] = {
-    "base": str(BASELINE),
-    "name": "tiny",
-    "model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2},
-    "train": {
-        "train_seq_len": 128,
-        "train_batch_tokens": 2048,
-        "micro_batch_tokens": 1024,
-        "warmup_steps": 1,
-    },
-    "eval": {"batch_tokens": 4096},
-}
-
 
 def tiny(cache_dir: Path, **techniques: Any) -> dict[str, Any]:
-    d = copy.deepcopy(TINY)
-    d["data"] = {"cache_dir": str(cache_dir)}
+    d = tiny_stack(
+        cache_dir, train={"train_seq_len": 128, "train_batch_tokens": 2048, "micro_batch_tokens": 1024}
+    )
     if techniques:
         d["techniques"] = techniques
     return d

@@ -182,5 +182,7 @@ def test_requires_and_conflicts_are_reported(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_legality_tags_come_from_a_fixed_vocabulary() -> None:
     Registry().add("fine", make(legality=("score_first",)))
-    with pytest.raises(PgolfError, match=r"unknown legality tag\(s\) \['legal_enough'\]; allowed: score_first"):
+    with pytest.raises(
+        PgolfError, match=r"unknown legality tag\(s\) \['legal_enough'\]; allowed: score_first"
+    ):
         Registry().add("vague", make(legality=("legal_enough",)))
