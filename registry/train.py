@@ -234,7 +234,8 @@ class Trainer:
             step += 1
             self._call_hooks("on_step_end", model=self.model, step=step)
             elapsed = clock.elapsed()
-            if step % cfg.train_log_every == 0 or step == cfg.iterations or step <= 10:
+            # the live display updates ten times per log interval (one loss sync each time)
+            if step % max(1, cfg.train_log_every // 10) == 0 or step == cfg.iterations or step <= 10:
                 self._report(step, loss, mult, elapsed, on_progress, log)
             if cfg.max_wallclock_seconds > 0 and rt.any_rank(elapsed >= cfg.max_wallclock_seconds):
                 stop, stopped_by = True, "wallclock"
