@@ -36,6 +36,14 @@ TINY: dict[str, Any] = {
 }
 
 
+def small_spec(num_layers: int = 2, vocab_size: int = 64) -> Any:
+    """A width-32 GQA (4 query / 2 KV heads) model spec for unit tests of the model's maths."""
+    from pgolf.registry.technique import ModelSpec
+
+    return ModelSpec(vocab_size=vocab_size, num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2,
+                     mlp_hidden=64, train_seq_len=16)  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

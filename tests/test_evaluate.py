@@ -7,13 +7,12 @@ import math
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import SP1024
+from conftest import SP1024, small_spec
 
 from pgolf.registry.bpb import build_byte_lut, target_bytes
 from pgolf.registry.evaluate import evaluate, windows
 from pgolf.registry.model import GPT
 from pgolf.registry.runtime import Runtime
-from pgolf.registry.technique import ModelSpec
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")
 
@@ -21,9 +20,7 @@ CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, at
 @pytest.mark.parametrize("n_tokens", [49, 50, 51, 17])  # 48 = 3 windows of 16 (+1); partial tails
 def test_every_target_is_scored_once_in_order(n_tokens: int) -> None:
     torch.manual_seed(0)
-    spec = ModelSpec(vocab_size=1024, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_hidden=64,
-                     train_seq_len=16)  # fmt: skip
-    model = GPT(spec)
+    model = GPT(small_spec(vocab_size=1024))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     lut = build_byte_lut(spm.SentencePieceProcessor(model_file=str(SP1024)))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BASELINE
+from conftest import BASELINE, small_spec
 
 from pgolf.registry import PgolfError, Role
 from pgolf.registry.config import load_stack, stack_from_dict
@@ -21,10 +21,8 @@ from pgolf.registry.model import (
     model_flops_per_token,
 )
 from pgolf.registry.roles import role_table
-from pgolf.registry.technique import ModelSpec
 
-SMALL = ModelSpec(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_hidden=64,
-                  train_seq_len=16)  # fmt: skip
+SMALL = small_spec(num_layers=3)
 
 
 def test_baseline_has_the_challenge_parameter_count() -> None:

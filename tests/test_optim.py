@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_spec
 from torch import nn
 
 from pgolf.registry.model import GPT
@@ -16,10 +17,8 @@ from pgolf.registry.optim import (
     newton_schulz_reference,
 )
 from pgolf.registry.roles import Role, role_table
-from pgolf.registry.technique import ModelSpec
 
-SPEC = ModelSpec(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_hidden=64,
-                 train_seq_len=16)  # fmt: skip
+SPEC = small_spec()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
