@@ -52,7 +52,7 @@ from torch import nn
 from .config import ResolvedStack, stack_from_dict
 from .errors import PgolfError, did_you_mean
 from .model import MLP, Attention, count_params, model_flops_per_token
-from .technique import REGISTRY, Technique
+from .technique import REGISTRY, Technique, call_hooks
 
 SCHEMA = "pgolf-bench/1"
 REFERENCE_TOKENS_PER_SECOND = 1_505_000.0
@@ -409,12 +409,6 @@ def instrument(trainer: Any, device: torch.device, *, modules: bool) -> Iterator
         vars(opt).pop("zero_grad", None)
 
 
-def _call_hooks(techniques: Sequence[Technique], name: str, **kwargs: Any) -> None:
-    for t in techniques:
-        if name in t.hooks:
-            t.call(name, **kwargs)
-
-
 class _StepRunner:
     """Runs the trainer's real steps the way ``Trainer.run`` does (step, then ``on_step_end``)."""
 
@@ -425,7 +419,7 @@ class _StepRunner:
     def __call__(self, elapsed: float = 0.0) -> None:
         loss, _ = self.trainer.step(self.step_no, elapsed)
         self.step_no += 1
-        _call_hooks(self.techniques, "on_step_end", model=self.trainer.model, step=self.step_no)
+        call_hooks(self.techniques, "on_step_end", model=self.trainer.model, step=self.step_no)
         self.last_loss = loss
 
 
@@ -616,7 +610,7 @@ def measure(
     rs: ResolvedStack, opts: BenchOptions, *, full: bool = True, log: Callable[[str], None] = lambda s: None
 ) -> dict[str, Any]:
     """Bench one stack on this process's device; every figure as a JSON-able mapping."""
-    from . import bpb, data
+    from . import data
     from .evaluate import evaluate
     from .export import compress, pack, slot_filler
     from .run import build, prepare_data
@@ -648,7 +642,7 @@ def measure(
         trainer.warm_up()
         runtime.synchronize()
         warmup_s = time.perf_counter() - t0
-        _call_hooks(techniques, "on_train_start", model=model)
+        call_hooks(techniques, "on_train_start", model=model)
         runner = _StepRunner(trainer, techniques)
 
         _reset_peak_memory(runtime.device)
@@ -689,15 +683,14 @@ def measure(
             log(f"  profiling {opts.profile_steps} step(s) for the breakdown")
             breakdown, breakdown_eager = _breakdown(runner, trainer, runtime, opts, notes)
 
-        _call_hooks(techniques, "finalize", model=model)
+        call_hooks(techniques, "finalize", model=model)
 
         evaluation: dict[str, Any] | None = None
         if opts.eval_tokens > 0:
-            val = data.load_tokens(source.val)
+            val, lut = source.validation(stack.model.vocab_size)
             n = min(opts.eval_tokens, val.numel() - 1)
             if n < opts.eval_tokens:
                 notes.append(f"the validation split has only {val.numel() - 1:,} targets; evaluated {n:,}")
-            lut = bpb.build_byte_lut(bpb.load_tokenizer(source.tokenizer), stack.model.vocab_size)
             seq = stack.eval.seq_len or stack.train.train_seq_len
             kw = dict(seq_len=seq, batch_tokens=stack.eval.batch_tokens, runtime=runtime)
             evaluate(model, val[: min(seq, n) + 1], lut, **kw)  # type: ignore[arg-type]  # warm-up

@@ -98,8 +98,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     staging = out.parent / f".{out.name}.partial"
     main = env.rank == 0
+    source = None
     if main:
-        prepare_data(rs.stack)  # data problems surface before any folder is created
+        source = prepare_data(rs.stack)  # data problems surface before any folder is created
         if staging.exists():
             raise PgolfError(
                 f"{str(staging)!r} exists: another run is writing {str(out)!r}, or one was "
@@ -108,7 +109,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         staging.mkdir(parents=True)
     try:
         result = run(
-            rs, staging, env=env, console=None if args.quiet else console, estimate=not args.no_estimate
+            rs,
+            staging,
+            env=env,
+            console=None if args.quiet else console,
+            estimate=not args.no_estimate,
+            source=source,
         )
     except BaseException as e:
         if main:

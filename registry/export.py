@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import PgolfError
-from .roles import Role, role_table
+from .roles import role_table
 from .technique import Technique
 
 ARTIFACT_NAME = "model.ptz"
@@ -50,14 +50,10 @@ def slot_filler(techniques: Sequence[Technique], hook_name: str) -> Technique:
     raise PgolfError(f"no technique fills the {hook_name!r} hook")  # resolve_techniques adds defaults
 
 
-def state_roles(model: nn.Module) -> dict[str, Role]:
-    return role_table(model)
-
-
 def pack(model: nn.Module, techniques: Sequence[Technique]) -> bytes:
     """Quantize the model's state with the stack's quantizer and serialise it (uncompressed)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    packed = slot_filler(techniques, "quantize").call("quantize", state=state, roles=state_roles(model))
+    packed = slot_filler(techniques, "quantize").call("quantize", state=state, roles=role_table(model))
     buf = io.BytesIO()
     torch.save(packed, buf)
     return buf.getvalue()

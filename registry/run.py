@@ -48,6 +48,10 @@ class DataSource:
     tokenizer: Path
     description: str
 
+    def validation(self, vocab_size: int) -> tuple[torch.Tensor, bpb.ByteLUT]:
+        """The whole validation stream and the byte table that scores it."""
+        return data.load_tokens(self.val), bpb.build_byte_lut(bpb.load_tokenizer(self.tokenizer), vocab_size)
+
 
 @dataclass
 class RunResult:
@@ -193,14 +197,15 @@ def score_artifact(
     source: DataSource,
     *,
     techniques: Sequence[Technique] | None = None,
+    validation: tuple[torch.Tensor, bpb.ByteLUT] | None = None,
     want_nll: bool = False,
 ) -> EvalResult:
-    """Rebuild the model from the artifact on disk and score the validation split."""
+    """Rebuild the model from the artifact on disk and score the validation split
+    (``validation``: the split already loaded by :meth:`DataSource.validation`)."""
     techniques = techniques or [r.instantiate(rs.spec) for r in rs.techniques]
     model = build(rs, techniques, runtime.device, runtime.attention)
     load_into(model, load_artifact(artifact, techniques))
-    val = data.load_tokens(source.val)
-    lut = bpb.build_byte_lut(bpb.load_tokenizer(source.tokenizer), rs.stack.model.vocab_size)
+    val, lut = validation or source.validation(rs.stack.model.vocab_size)
     return evaluate(
         model,
         val,
@@ -220,11 +225,13 @@ def run(
     report: Reporter | None = None,
     console: Console | None = None,
     estimate: bool = True,
+    source: DataSource | None = None,
 ) -> RunResult:
     """Train, export, reload and score a stack; writes run.log, stack.yaml, the artifact and
-    result.json into ``out_dir`` (which must exist)."""
+    result.json into ``out_dir`` (which must exist). ``source``: the data as already checked
+    by :func:`prepare_data`."""
     stack = rs.stack
-    source = prepare_data(stack)
+    source = source or prepare_data(stack)
     runtime = make_runtime(stack.train, env)
     try:
         return _run(rs, out_dir, runtime, source, report, console, estimate)
@@ -271,8 +278,7 @@ def _run(
             f"of {est.limit:,}{'' if est.fits else '  — over the limit'}"
         )
 
-    val_tokens = data.load_tokens(source.val)
-    lut = bpb.build_byte_lut(bpb.load_tokenizer(source.tokenizer), stack.model.vocab_size)
+    val_tokens, lut = source.validation(stack.model.vocab_size)
     eval_len = stack.eval.seq_len or stack.train.train_seq_len
 
     def score(m: nn.Module) -> EvalResult:
@@ -306,7 +312,7 @@ def _run(
         write_artifact(artifact, model, techniques)
     runtime.barrier()
     model_bytes = artifact.stat().st_size
-    final = score_artifact(rs, artifact, runtime, source, techniques=techniques)
+    final = score_artifact(rs, artifact, runtime, source, techniques=techniques, validation=(val_tokens, lut))
     total = model_bytes + code.bytes
     result = RunResult(
         val_loss=final.val_loss,

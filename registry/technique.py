@@ -33,7 +33,7 @@ import inspect
 import pkgutil
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -151,6 +151,13 @@ class Technique:
 
     def __repr__(self) -> str:
         return f"<technique {self.name} {self.params!r}>"
+
+
+def call_hooks(techniques: Sequence[Technique], hook_name: str, **kwargs: Any) -> None:
+    """Run an additive hook on every technique that implements it, in the given (resolved) order."""
+    for t in techniques:
+        if hook_name in t.hooks:
+            t.call(hook_name, **kwargs)
 
 
 def _check_hooks(name: str, cls: type[Technique]) -> dict[str, tuple[str, ...]]:

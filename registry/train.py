@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +26,7 @@ from .data import DistributedTokenLoader, PrefetchingLoader
 from .errors import PgolfError
 from .optim import OptimizerSet, build_optimizers, lr_multiplier, muon_momentum_at
 from .runtime import Runtime
-from .technique import Technique
+from .technique import Technique, call_hooks
 
 
 class TrainingDiverged(PgolfError):
@@ -143,11 +142,6 @@ class Trainer:
         self.opt = make_optimizers(model, stack, runtime)
         self.wrapped = wrap_model(model, runtime)
 
-    def _call_hooks(self, name: str, **kwargs: Any) -> None:
-        for t in self.techniques:
-            if name in t.hooks:
-                t.call(name, **kwargs)
-
     def step(self, step: int, elapsed: float) -> tuple[Tensor, float]:
         """One optimizer step over the global batch; returns (mean loss tensor, lr multiplier)."""
         cfg, o = self.cfg, self.stack.optim
@@ -206,7 +200,7 @@ class Trainer:
     ) -> TrainResult:
         cfg, rt = self.cfg, self.runtime
         self.warm_up()
-        self._call_hooks("on_train_start", model=self.model)
+        call_hooks(self.techniques, "on_train_start", model=self.model)
         history: list[dict[str, float]] = []
         clock = Stopwatch(rt.synchronize)
         step, loss, mult, stopped_by = 0, torch.full((), float("nan")), 1.0, "iterations"
@@ -232,7 +226,7 @@ class Trainer:
                 break
             loss, mult = self.step(step, clock.elapsed())
             step += 1
-            self._call_hooks("on_step_end", model=self.model, step=step)
+            call_hooks(self.techniques, "on_step_end", model=self.model, step=step)
             elapsed = clock.elapsed()
             # the live display updates ten times per log interval (one loss sync each time)
             if step % max(1, cfg.train_log_every // 10) == 0 or step == cfg.iterations or step <= 10:
@@ -243,7 +237,7 @@ class Trainer:
         if isinstance(self.loader, PrefetchingLoader):
             self.loader.close()
         last_loss = self._check_finite(loss, step) if step > 0 else float("nan")
-        self._call_hooks("finalize", model=self.model)
+        call_hooks(self.techniques, "finalize", model=self.model)
         return TrainResult(step, step * cfg.train_batch_tokens, clock.total, last_loss, stopped_by, history)
 
     @staticmethod
