@@ -6,17 +6,17 @@ The public API a technique author needs::
 
 and a runner needs::
 
-    from pgolf.registry.config import load_stack
-    from pgolf.registry.run import run, estimate_artifact_bytes
+    from pgolf.registry.api.config import load_stack
+    from pgolf.registry.run.pipeline import run, estimate_artifact_bytes
 """
 
 from __future__ import annotations
 
-from .errors import ConfigError, DataError, PgolfError
-from .hooks import HOOKS, SLOT_DEFAULTS, SLOTS, HookSpec
-from .roles import Role, role_of, set_role, set_roles
-from .selectors import Layers, LayerSelector
-from .technique import REGISTRY, ModelSpec, Params, Technique, hook, register
+from .api.errors import ConfigError, DataError, PgolfError
+from .api.hooks import HOOKS, SLOT_DEFAULTS, SLOTS, HookSpec
+from .api.roles import Role, role_of, set_role, set_roles
+from .api.selectors import Layers, LayerSelector
+from .api.technique import REGISTRY, ModelSpec, Params, Technique, hook, register
 
 __all__ = [
     "HOOKS",

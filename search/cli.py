@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pgolf.registry.errors import PgolfError
+from pgolf.registry.api.errors import PgolfError
 
 console = Console(highlight=False, soft_wrap=True)
 if not console.is_terminal and console.width < 160:  # logs and pipes: room for the results table
@@ -174,7 +174,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Register ``search``, ``results``, ``repeat`` and ``compare`` on the pgolf sub-parsers."""
-    from pgolf.registry.cli import add_set_argument
+    from pgolf.registry.tools.cli import add_set_argument
 
     p = sub.add_parser(
         "search",

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pgolf.registry.progress import format_seconds
+from pgolf.registry.tools.progress import format_seconds
 
 STATE_STYLE = {
     "pending": "dim",

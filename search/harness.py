@@ -48,9 +48,9 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from pgolf.registry.config import ResolvedStack, stack_from_dict  # noqa: E402
-from pgolf.registry.errors import PgolfError  # noqa: E402
-from pgolf.registry.run import SizeEstimate, estimate_artifact_bytes, prepare_data  # noqa: E402
+from pgolf.registry.api.config import ResolvedStack, stack_from_dict  # noqa: E402
+from pgolf.registry.api.errors import PgolfError  # noqa: E402
+from pgolf.registry.run.pipeline import SizeEstimate, estimate_artifact_bytes, prepare_data  # noqa: E402
 
 from . import space as space_mod  # noqa: E402
 from .display import Display  # noqa: E402

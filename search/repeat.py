@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgolf.registry.errors import PgolfError
+from pgolf.registry.api.errors import PgolfError
 
 from .stats import BAR_NATS, BAR_P, Welch, meets_bar, welch_less
 
@@ -162,8 +162,8 @@ def repeat(
     on_seed: Callable[[int, RunScore | None], None] | None = None,
 ) -> RepeatSummary:
     """Run a stack once per seed into ``out/seed_<s>/``; a seed already done is kept, not re-run."""
-    from pgolf.registry.config import load_stack
-    from pgolf.registry.run import prepare_data, run
+    from pgolf.registry.api.config import load_stack
+    from pgolf.registry.run.pipeline import prepare_data, run
 
     base = load_stack(stack_path, overrides)  # validate once, before anything is written
     prepare_data(base.stack)

@@ -20,7 +20,7 @@ import yaml
 from rich.table import Table
 from rich.text import Text
 
-from pgolf.registry.errors import PgolfError
+from pgolf.registry.api.errors import PgolfError
 
 from .ledger import LEDGER_NAME, Ledger
 from .space import fmt_value

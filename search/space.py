@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from pgolf.registry.config import apply_override
+from pgolf.registry.api.config import apply_override
 
 from .spec import Dim
 

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from pgolf.registry.config import (
+from pgolf.registry.api.config import (
     ARTIFACT_LIMIT,
     SECTIONS,
     ResolvedStack,
@@ -41,8 +41,8 @@ from pgolf.registry.config import (
     read_yaml,
     stack_from_dict,
 )
-from pgolf.registry.errors import ConfigError, PgolfError, did_you_mean
-from pgolf.registry.technique import REGISTRY, pydantic_problems
+from pgolf.registry.api.errors import ConfigError, PgolfError, did_you_mean
+from pgolf.registry.api.technique import REGISTRY, pydantic_problems
 
 KINDS = ("int", "float", "logfloat", "choice", "optional")
 SEED_MESSAGE = "seeds are never a search dimension; use search.seeds: [1337, 1338, ...]"

@@ -26,8 +26,8 @@ TIME_ATTR = "search_step"
 
 
 def _error_kind(e: BaseException) -> str:
-    from pgolf.registry.errors import PgolfError
-    from pgolf.registry.train import TrainingDiverged
+    from pgolf.registry.api.errors import PgolfError
+    from pgolf.registry.run.train import TrainingDiverged
 
     if isinstance(e, TrainingDiverged):
         return "diverged"
@@ -87,8 +87,8 @@ def train_trial(config: dict[str, Any]) -> None:
     clock = 0
     summary: dict[str, Any] = {"number": number, "state": "complete", "final": True, "error": ""}
     try:
-        from pgolf.registry.config import stack_from_dict
-        from pgolf.registry.run import run
+        from pgolf.registry.api.config import stack_from_dict
+        from pgolf.registry.run.pipeline import run
 
         for i, seed in enumerate(seeds):
             rs = stack_from_dict(

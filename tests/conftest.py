@@ -38,7 +38,7 @@ TINY: dict[str, Any] = {
 
 def small_spec(num_layers: int = 2, vocab_size: int = 64) -> Any:
     """A width-32 GQA (4 query / 2 KV heads) model spec for unit tests of the model's maths."""
-    from pgolf.registry.technique import ModelSpec
+    from pgolf.registry.api.technique import ModelSpec
 
     return ModelSpec(vocab_size=vocab_size, num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2,
                      mlp_hidden=64, train_seq_len=16)  # fmt: skip
@@ -77,7 +77,7 @@ def real_text_documents(n: int) -> list[str]:
     <unk> and that its normalization leaves unchanged, so byte counts can be checked exactly."""
     import sentencepiece as spm
 
-    from pgolf.registry.corpus import stdlib_documents
+    from pgolf.registry.tools.corpus import stdlib_documents
 
     sp = spm.SentencePieceProcessor(model_file=str(SP1024))
     out = []
@@ -99,7 +99,7 @@ def text_dataset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     """Shards built with the challenge tokenizer from 300 real documents; the first 12 are validation."""
     import json
 
-    from pgolf.registry.corpus import build_dataset
+    from pgolf.registry.tools.corpus import build_dataset
 
     docs = real_text_documents(300)
     root = tmp_path_factory.mktemp("text-data")

@@ -16,9 +16,9 @@ from conftest import BASELINE, tiny_stack
 from torch.autograd import DeviceType
 
 from pgolf.registry import PgolfError
-from pgolf.registry import bench as B
-from pgolf.registry.config import stack_from_dict
-from pgolf.registry.technique import REGISTRY
+from pgolf.registry.api.config import stack_from_dict
+from pgolf.registry.api.technique import REGISTRY
+from pgolf.registry.tools import bench as B
 
 
 def tiny(cache_dir: Path, **techniques: Any) -> dict[str, Any]:
@@ -191,10 +191,10 @@ def test_all_techniques_gives_one_variant_per_registered_technique(cache_dir: Pa
 def test_instrumentation_leaves_the_trainer_as_it_was(cache_dir: Path) -> None:
     import torch
 
-    from pgolf.registry import data
-    from pgolf.registry.run import build, prepare_data
-    from pgolf.registry.runtime import make_runtime
-    from pgolf.registry.train import Trainer
+    from pgolf.registry.run import data
+    from pgolf.registry.run.pipeline import build, prepare_data
+    from pgolf.registry.run.runtime import make_runtime
+    from pgolf.registry.run.train import Trainer
 
     rs = stack_from_dict(tiny(cache_dir))
     src = prepare_data(rs.stack)

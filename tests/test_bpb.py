@@ -11,8 +11,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf.registry.bpb import ByteLUT, bits_per_byte, build_byte_lut, load_tokenizer, target_bytes
-from pgolf.registry.errors import DataError
+from pgolf.registry.api.errors import DataError
+from pgolf.registry.run.bpb import ByteLUT, bits_per_byte, build_byte_lut, load_tokenizer, target_bytes
 
 TOKENIZERS = Path(__file__).parent / "assets"  # copies of the challenge tokenizers
 SP1024 = TOKENIZERS / "fineweb_1024_bpe.model"

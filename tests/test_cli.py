@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import REPO, SP1024, tiny_stack
 
-from pgolf.registry.cli import main
-from pgolf.registry.data import find_shards, read_header
+from pgolf.registry.run.data import find_shards, read_header
+from pgolf.registry.tools.cli import main
 
 
 def write_stack(path: Path, stack: dict[str, Any]) -> Path:
@@ -208,7 +208,7 @@ def test_existing_output_folder_is_never_touched(
 def test_the_console_script_prints_no_traceback(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
     f.write_text("techniques: {xsaa: {}}\n")
-    proc = subprocess.run([sys.executable, "-m", "pgolf.registry.cli", "check", str(f)],
+    proc = subprocess.run([sys.executable, "-m", "pgolf.registry.tools.cli", "check", str(f)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "unknown technique 'xsaa' (did you mean 'xsa'?)" in proc.stderr and "Traceback" not in proc.stderr

@@ -9,7 +9,7 @@ import yaml
 from conftest import BASELINE, REPO
 
 from pgolf.registry import ConfigError, PgolfError
-from pgolf.registry.config import load_stack, stack_from_dict
+from pgolf.registry.api.config import load_stack, stack_from_dict
 
 
 def write(path: Path, text: str) -> Path:

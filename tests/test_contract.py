@@ -16,15 +16,15 @@ import torch
 import yaml
 
 from pgolf.registry import REGISTRY
-from pgolf.registry.config import ResolvedStack, stack_from_dict
-from pgolf.registry.data import DistributedTokenLoader, write_shard
-from pgolf.registry.export import load_artifact, load_into, write_artifact
-from pgolf.registry.model import count_params
-from pgolf.registry.roles import role_table
-from pgolf.registry.run import build
-from pgolf.registry.runtime import Runtime, seed_everything
-from pgolf.registry.technique import Technique
-from pgolf.registry.train import Trainer
+from pgolf.registry.api.config import ResolvedStack, stack_from_dict
+from pgolf.registry.api.roles import role_table
+from pgolf.registry.api.technique import Technique
+from pgolf.registry.run.data import DistributedTokenLoader, write_shard
+from pgolf.registry.run.export import load_artifact, load_into, write_artifact
+from pgolf.registry.run.model import count_params
+from pgolf.registry.run.pipeline import build
+from pgolf.registry.run.runtime import Runtime, seed_everything
+from pgolf.registry.run.train import Trainer
 
 NAMES = REGISTRY.names()
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")

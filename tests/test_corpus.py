@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pgolf.registry import corpus
-from pgolf.registry.bpb import build_byte_lut, load_tokenizer
-from pgolf.registry.corpus import (
+from pgolf.registry.api.errors import DataError
+from pgolf.registry.run.bpb import build_byte_lut, load_tokenizer
+from pgolf.registry.run.data import check_shards, find_shards, load_tokens, read_header
+from pgolf.registry.tools import corpus
+from pgolf.registry.tools.corpus import (
     DEFAULT_VAL_DOCS,
     DatasetInfo,
     build_dataset,
@@ -26,8 +28,6 @@ from pgolf.registry.corpus import (
     stdlib_documents,
     train_tokenizer,
 )
-from pgolf.registry.data import check_shards, find_shards, load_tokens, read_header
-from pgolf.registry.errors import DataError
 
 SP1024 = Path(__file__).parent / "assets" / "fineweb_1024_bpe.model"  # the challenge tokenizer
 

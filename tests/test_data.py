@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.registry.data import (
+from pgolf.registry.api.errors import DataError
+from pgolf.registry.run.data import (
     HEADER_BYTES,
     HEADER_INTS,
     SHARD_MAGIC,
@@ -22,7 +23,6 @@ from pgolf.registry.data import (
     read_header,
     write_shard,
 )
-from pgolf.registry.errors import DataError
 
 
 def _shards(folder: Path, sizes: list[int], split: str = "train") -> list[Path]:
@@ -257,7 +257,7 @@ def test_loader_argument_errors(tmp_path: Path) -> None:
 
 
 def test_prefetching_loader_serves_the_reference_batches_and_restarts(tmp_path: Path) -> None:
-    from pgolf.registry.data import PrefetchingLoader
+    from pgolf.registry.run.data import PrefetchingLoader
 
     path = tmp_path / "fineweb_train_000000.bin"
     write_shard(path, np.arange(1000) % 500)

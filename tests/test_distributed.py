@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import tiny_stack
 
-from pgolf.registry.cli import main
+from pgolf.registry.tools.cli import main
 
 
 @pytest.mark.slow

@@ -9,10 +9,10 @@ import sentencepiece as spm
 import torch
 from conftest import SP1024, small_spec
 
-from pgolf.registry.bpb import build_byte_lut, target_bytes
-from pgolf.registry.evaluate import evaluate, windows
-from pgolf.registry.model import GPT
-from pgolf.registry.runtime import Runtime
+from pgolf.registry.run.bpb import build_byte_lut, target_bytes
+from pgolf.registry.run.evaluate import evaluate, windows
+from pgolf.registry.run.model import GPT
+from pgolf.registry.run.runtime import Runtime
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")
 

@@ -9,9 +9,9 @@ import torch
 from conftest import BASELINE
 
 from pgolf.registry import PgolfError, Role
-from pgolf.registry.config import load_stack, stack_from_dict
-from pgolf.registry.export import code_bytes, counted_files, export_bytes, load_artifact, write_artifact
-from pgolf.registry.run import build, estimate_artifact_bytes
+from pgolf.registry.api.config import load_stack, stack_from_dict
+from pgolf.registry.run.export import code_bytes, counted_files, export_bytes, load_artifact, write_artifact
+from pgolf.registry.run.pipeline import build, estimate_artifact_bytes
 from pgolf.techniques.int8_rowwise import Int8Rowwise, Int8RowwiseParams, quantize_rows
 
 TINY = {"model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 128}}

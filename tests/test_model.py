@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from conftest import BASELINE, small_spec
 
 from pgolf.registry import PgolfError, Role
-from pgolf.registry.config import load_stack, stack_from_dict
-from pgolf.registry.model import (
+from pgolf.registry.api.config import load_stack, stack_from_dict
+from pgolf.registry.api.roles import role_table
+from pgolf.registry.run.model import (
     GPT,
     FlashAttention,
     SDPAttention,
@@ -20,7 +21,6 @@ from pgolf.registry.model import (
     count_params,
     model_flops_per_token,
 )
-from pgolf.registry.roles import role_table
 
 SMALL = small_spec(num_layers=3)
 

@@ -7,8 +7,9 @@ import torch
 from conftest import small_spec
 from torch import nn
 
-from pgolf.registry.model import GPT
-from pgolf.registry.optim import (
+from pgolf.registry.api.roles import Role, role_table
+from pgolf.registry.run.model import GPT
+from pgolf.registry.run.optim import (
     Muon,
     build_optimizers,
     lr_multiplier,
@@ -16,7 +17,6 @@ from pgolf.registry.optim import (
     newton_schulz,
     newton_schulz_reference,
 )
-from pgolf.registry.roles import Role, role_table
 
 SPEC = small_spec()
 
@@ -124,7 +124,7 @@ def test_muon_momentum_warms_up_linearly() -> None:
 
 @pytest.mark.slow
 def test_compiled_newton_schulz_agrees_with_the_reference() -> None:
-    from pgolf.registry.optim import compiled_newton_schulz
+    from pgolf.registry.run.optim import compiled_newton_schulz
 
     torch.manual_seed(0)
     g = torch.randn(2, 16, 32)

@@ -31,7 +31,7 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def pgolf(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(site)}
-    return subprocess.run([sys.executable, "-m", "pgolf.registry.cli", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "pgolf.registry.tools.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
@@ -56,6 +56,6 @@ def test_a_stack_uses_the_plugin_by_name(plugin_site: Path, tmp_path: Path, cach
 def test_without_the_package_the_name_is_unknown(tmp_path: Path, cache_dir: Path) -> None:
     f = tmp_path / "plugin_stack.yaml"
     f.write_text(yaml.safe_dump(tiny_stack(cache_dir, techniques={"smear_gate": {}})))
-    proc = subprocess.run([sys.executable, "-m", "pgolf.registry.cli", "check", str(f)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pgolf.registry.tools.cli", "check", str(f)], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "unknown technique 'smear_gate'" in proc.stderr

@@ -10,7 +10,7 @@ import pytest
 from torch import nn
 
 from pgolf.registry import REGISTRY, Params, PgolfError, Technique, hook
-from pgolf.registry.technique import Registry, Resolved, order_techniques, resolve_techniques
+from pgolf.registry.api.technique import Registry, Resolved, order_techniques, resolve_techniques
 
 
 def make(**attrs: Any) -> type[Technique]:

@@ -76,7 +76,7 @@ def tiny_stack(cache: Path, **extra: Any) -> dict[str, Any]:
 
 def pgolf(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pgolf.registry.cli", *args],
+        [sys.executable, "-m", "pgolf.registry.tools.cli", *args],
         capture_output=True,
         text=True,
         timeout=kw.pop("timeout", 300),
@@ -87,8 +87,8 @@ def pgolf(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def corpus_cache(cache_dir: Path) -> Path:
     """The embedded default corpus in the session's cache (conftest), built before Ray starts."""
-    from pgolf.registry.config import stack_from_dict
-    from pgolf.registry.run import prepare_data
+    from pgolf.registry.api.config import stack_from_dict
+    from pgolf.registry.run.pipeline import prepare_data
 
     prepare_data(stack_from_dict(tiny_stack(cache_dir)).stack)
     return cache_dir
@@ -129,7 +129,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Simpl
     t0 = time.perf_counter()
     log = (work / "first.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pgolf.registry.cli", "search", str(spec), "--out", str(out)],
+        [sys.executable, "-m", "pgolf.registry.tools.cli", "search", str(spec), "--out", str(out)],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -290,7 +290,7 @@ def test_a_trial_whose_process_dies_is_recorded(corpus_cache: Path, tmp_path: Pa
 
 
 def test_repeat_then_compare(corpus_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pgolf.registry.cli import main
+    from pgolf.registry.tools.cli import main
 
     stack = tmp_path / "tiny.yaml"
     stack.write_text(yaml.safe_dump(tiny_stack(corpus_cache)))

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from pgolf.registry.cli import main
-from pgolf.registry.config import load_stack, stack_from_dict
+from pgolf.registry.api.config import load_stack, stack_from_dict
+from pgolf.registry.tools.cli import main
 from pgolf.search import space
 from pgolf.search.ledger import Ledger, fold
 from pgolf.search.results import best_stack_yaml, load_study, pareto_front, stack_changes, table, write_all

@@ -96,7 +96,7 @@ def test_scheduler_choice_and_rungs() -> None:
 
 def test_search_cli_does_not_import_ray_or_optuna() -> None:
     code = (
-        "import sys, pgolf.search.cli, pgolf.registry.cli as c; c.build_parser(); "
+        "import sys, pgolf.search.cli, pgolf.registry.tools.cli as c; c.build_parser(); "
         "bad = [m for m in ('ray', 'optuna') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -104,7 +104,7 @@ def test_search_cli_does_not_import_ray_or_optuna() -> None:
 
 
 def test_cli_registers_the_search_commands() -> None:
-    from pgolf.registry.cli import build_parser
+    from pgolf.registry.tools.cli import build_parser
 
     parser = build_parser()
     for argv in (

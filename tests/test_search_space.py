@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 import pytest
 
-from pgolf.registry.config import stack_from_dict
+from pgolf.registry.api.config import stack_from_dict
 from pgolf.search import space
 from pgolf.search.spec import Dim, search_from_dict
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pgolf.registry.errors import ConfigError
+from pgolf.registry.api.errors import ConfigError
 from pgolf.search.spec import load_search, parse_dim, search_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

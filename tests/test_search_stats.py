@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pgolf.registry.cli import main
+from pgolf.registry.tools.cli import main
 from pgolf.search.repeat import compare, find_runs
 from pgolf.search.stats import betainc, meets_bar, t_cdf, welch_less
 

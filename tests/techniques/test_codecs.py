@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from pgolf.registry.config import stack_from_dict
-from pgolf.registry.export import pack
-from pgolf.registry.run import build, surrogate_weights_
+from pgolf.registry.api.config import stack_from_dict
+from pgolf.registry.run.export import pack
+from pgolf.registry.run.pipeline import build, surrogate_weights_
 from pgolf.techniques.brotli import Brotli, BrotliParams
 from pgolf.techniques.zlib import Zlib, ZlibParams
 

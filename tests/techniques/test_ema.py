@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.registry.config import stack_from_dict
-from pgolf.registry.data import DistributedTokenLoader, write_shard
-from pgolf.registry.run import build
-from pgolf.registry.runtime import Runtime
-from pgolf.registry.train import Trainer
+from pgolf.registry.api.config import stack_from_dict
+from pgolf.registry.run.data import DistributedTokenLoader, write_shard
+from pgolf.registry.run.pipeline import build
+from pgolf.registry.run.runtime import Runtime
+from pgolf.registry.run.train import Trainer
 from pgolf.techniques.ema import EMA, EMAParams, ema_update_
 
 

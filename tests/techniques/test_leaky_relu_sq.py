@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from pgolf.registry.config import stack_from_dict
-from pgolf.registry.model import ReluSquared
-from pgolf.registry.run import build
+from pgolf.registry.api.config import stack_from_dict
+from pgolf.registry.run.model import ReluSquared
+from pgolf.registry.run.pipeline import build
 from pgolf.techniques.leaky_relu_sq import LeakyReluSquared, leaky_relu_sq
 
 

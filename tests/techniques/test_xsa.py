@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pgolf.registry.config import stack_from_dict
-from pgolf.registry.run import build
+from pgolf.registry.api.config import stack_from_dict
+from pgolf.registry.run.pipeline import build
 from pgolf.techniques.xsa import XSAModule, xsa
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..api.errors import DataError
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1

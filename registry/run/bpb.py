@@ -20,7 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from .errors import DataError
+from ..api.errors import DataError
 
 SPACE_PIECE = "\u2581"
 

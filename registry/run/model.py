@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import PgolfError
-from .roles import Role, role_table, set_role
-from .technique import ModelSpec, Technique
+from ..api.errors import PgolfError
+from ..api.roles import Role, role_table, set_role
+from ..api.technique import ModelSpec, Technique
 
 
 def rms_norm(x: Tensor) -> Tensor:

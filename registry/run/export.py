@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import PgolfError
-from .roles import role_table
-from .technique import Technique
+from ..api.errors import PgolfError
+from ..api.roles import role_table
+from ..api.technique import Technique
 
 ARTIFACT_NAME = "model.ptz"
 
 COUNTED_CORE_MODULES = (
-    "errors", "hooks", "roles", "selectors", "technique", "config", "data", "bpb", "model",
-    "optim", "train", "evaluate", "export", "runtime", "run",
+    "api/errors", "api/hooks", "api/roles", "api/selectors", "api/technique", "api/config", "run/data",
+    "run/bpb", "run/model", "run/optim", "run/train", "run/evaluate", "run/export", "run/runtime",
+    "run/pipeline",
 )  # fmt: skip
 """The pgolf modules a training + evaluation run executes (the CLI, progress display, corpus
 builder and search harness are tooling, like the challenge's data scripts, and not counted)."""
@@ -133,7 +134,7 @@ class CodeCount:
 
 
 def counted_files(techniques: Sequence[Technique | type[Technique]]) -> list[Path]:
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent
     files = [here / f"{m}.py" for m in COUNTED_CORE_MODULES]
     for t in techniques:
         f = type(t).source_file() if isinstance(t, Technique) else t.source_file()

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from .train import Progress as StepProgress
+from ..run.train import Progress as StepProgress
 
 
 def format_seconds(s: float) -> str:

@@ -49,10 +49,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ResolvedStack, stack_from_dict
-from .errors import PgolfError, did_you_mean
-from .model import MLP, Attention, count_params, model_flops_per_token
-from .technique import REGISTRY, Technique, call_hooks
+from ..api.config import ResolvedStack, stack_from_dict
+from ..api.errors import PgolfError, did_you_mean
+from ..api.technique import REGISTRY, Technique, call_hooks
+from ..run.model import MLP, Attention, count_params, model_flops_per_token
 
 SCHEMA = "pgolf-bench/1"
 REFERENCE_TOKENS_PER_SECOND = 1_505_000.0
@@ -610,12 +610,12 @@ def measure(
     rs: ResolvedStack, opts: BenchOptions, *, full: bool = True, log: Callable[[str], None] = lambda s: None
 ) -> dict[str, Any]:
     """Bench one stack on this process's device; every figure as a JSON-able mapping."""
-    from . import data
-    from .evaluate import evaluate
-    from .export import compress, pack, slot_filler
-    from .run import build, prepare_data
-    from .runtime import make_runtime, seed_everything, shutdown, versions
-    from .train import Trainer
+    from ..run import data
+    from ..run.evaluate import evaluate
+    from ..run.export import compress, pack, slot_filler
+    from ..run.pipeline import build, prepare_data
+    from ..run.runtime import make_runtime, seed_everything, shutdown, versions
+    from ..run.train import Trainer
 
     if opts.steps < 1:
         raise PgolfError("--steps must be at least 1")
@@ -854,7 +854,7 @@ def technique_variants(
 ) -> tuple[list[tuple[str, ResolvedStack]], list[dict[str, str]]]:
     """The stack with each technique added alone (default params): (name, stack) pairs and the
     skipped ones with a reason. ``which``: ``none``, ``all`` or a comma-separated list."""
-    from .hooks import SLOT_DEFAULTS, SLOTS
+    from ..api.hooks import SLOT_DEFAULTS, SLOTS
 
     which = which.strip()
     if which in ("", "none"):
@@ -1060,7 +1060,7 @@ def result_path(result: Mapping[str, Any], out_dir: Path) -> Path:
 
 
 def write_result(result: Mapping[str, Any], out_dir: Path) -> Path:
-    from .export import atomic_write
+    from ..run.export import atomic_write
 
     path = result_path(result, out_dir)
     atomic_write(path, (json.dumps(result, indent=2, default=str) + "\n").encode())
@@ -1218,7 +1218,7 @@ def render_tables(results: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
 
 def regenerate_readme(results_dir: Path, readme: Path) -> str:
     """Rewrite the generated part of ``readme`` from every results file; returns the new text."""
-    from .export import atomic_write
+    from ..run.export import atomic_write
 
     head, tail = DEFAULT_HEADER, ""
     if readme.is_file():
@@ -1290,7 +1290,7 @@ def add_command(subparsers: Any) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .config import load_stack
+    from ..api.config import load_stack
 
     console = Console(highlight=False, soft_wrap=True)
     out_dir = Path(args.out_dir)

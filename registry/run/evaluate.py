@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..api.errors import PgolfError
 from .bpb import ByteLUT, target_bytes
-from .errors import PgolfError
 from .runtime import Runtime
 
 

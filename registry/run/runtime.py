@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
-from .errors import PgolfError
+from ..api.config import TrainConfig
+from ..api.errors import PgolfError
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .roles import Role, role_table
+from ..api.roles import Role, role_table
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 

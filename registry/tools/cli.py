@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import PgolfError
+from ..api.errors import PgolfError
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -32,7 +32,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _dist_env() -> Any:
-    from .runtime import DistEnv
+    from ..run.runtime import DistEnv
 
     try:
         return DistEnv(
@@ -65,7 +65,7 @@ def _relaunch(nproc: int, argv: Sequence[str]) -> int:
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
-        "pgolf.registry.cli",
+        "pgolf.registry.tools.cli",
         *rest,
     ]
     env = dict(os.environ)
@@ -78,9 +78,9 @@ def _default_out(name: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_stack
-    from .run import prepare_data, run
-    from .train import TrainingDiverged
+    from ..api.config import load_stack
+    from ..run.pipeline import prepare_data, run
+    from ..run.train import TrainingDiverged
 
     env = _dist_env()
     rs = load_stack(args.stack, args.set)
@@ -142,9 +142,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .config import load_stack
-    from .model import count_params
-    from .run import build, estimate_artifact_bytes
+    from ..api.config import load_stack
+    from ..run.model import count_params
+    from ..run.pipeline import build, estimate_artifact_bytes
 
     rs = load_stack(args.stack, args.set)
     console.print("[bold]resolved stack[/bold]")
@@ -175,10 +175,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .config import load_stack
-    from .export import ARTIFACT_NAME, atomic_write
-    from .run import prepare_data, score_artifact
-    from .runtime import make_runtime
+    from ..api.config import load_stack
+    from ..run.export import ARTIFACT_NAME, atomic_write
+    from ..run.pipeline import prepare_data, score_artifact
+    from ..run.runtime import make_runtime
 
     run_dir = Path(args.dir)
     stack_file = run_dir / "stack.yaml"
@@ -218,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
-    from .technique import REGISTRY
+    from ..api.technique import REGISTRY
 
     if args.name:
         return _describe_technique(args.name)
@@ -236,7 +236,7 @@ def cmd_techniques(args: argparse.Namespace) -> int:
 
 
 def _fmt_default(v: Any) -> str:
-    from .selectors import LayerSelector
+    from ..api.selectors import LayerSelector
 
     return str(v.dump()) if isinstance(v, LayerSelector) else repr(v)
 
@@ -244,8 +244,8 @@ def _fmt_default(v: Any) -> str:
 def _describe_technique(name: str) -> int:
     import inspect
 
-    from .hooks import HOOKS
-    from .technique import REGISTRY
+    from ..api.hooks import HOOKS
+    from ..api.technique import REGISTRY
 
     cls = REGISTRY.get(name)
     console.print(f"[bold]{name}[/bold]  [dim]({cls.origin})[/dim]")
@@ -276,9 +276,9 @@ def _describe_technique(name: str) -> int:
 def _added_parameters(name: str) -> list[tuple[str, str, str]]:
     import torch
 
-    from .config import stack_from_dict
-    from .roles import role_of
-    from .run import build
+    from ..api.config import stack_from_dict
+    from ..api.roles import role_of
+    from ..run.pipeline import build
 
     tiny = {
         "model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 64},

@@ -21,12 +21,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import Stack
+from ..api.config import Stack
+from ..api.errors import PgolfError
+from ..api.technique import Technique, call_hooks
 from .data import DistributedTokenLoader, PrefetchingLoader
-from .errors import PgolfError
 from .optim import OptimizerSet, build_optimizers, lr_multiplier, muon_momentum_at
 from .runtime import Runtime
-from .technique import Technique, call_hooks
 
 
 class TrainingDiverged(PgolfError):

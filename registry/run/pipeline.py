@@ -18,9 +18,13 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from . import bpb, corpus, data
-from .config import ResolvedStack, Stack
-from .errors import DataError
+from ..api.config import ResolvedStack, Stack
+from ..api.errors import DataError
+from ..api.roles import Role, format_role_table, role_table, set_role
+from ..api.technique import Technique
+from ..tools import corpus
+from ..tools.progress import LiveProgress, RunLog
+from . import bpb, data
 from .evaluate import EvalResult, evaluate
 from .export import (
     ARTIFACT_NAME,
@@ -32,10 +36,7 @@ from .export import (
     write_artifact,
 )
 from .model import GPT, attention_kernel, build_model, count_params
-from .progress import LiveProgress, RunLog
-from .roles import Role, format_role_table, role_table, set_role
 from .runtime import DistEnv, Runtime, make_runtime, seed_everything, shutdown, versions
-from .technique import Technique
 from .train import Trainer, grad_accum_steps
 
 Reporter = Callable[[Mapping[str, Any]], None]

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from .bpb import build_byte_lut, load_tokenizer
-from .data import MAX_TOKEN_ID, check_shards, find_shards, shard_name, write_shard
-from .errors import DataError
+from ..api.errors import DataError
+from ..run.bpb import build_byte_lut, load_tokenizer
+from ..run.data import MAX_TOKEN_ID, check_shards, find_shards, shard_name, write_shard
 
 TXT_MODES = ("file", "paragraph", "line")
 DOC_SUFFIXES = (".jsonl", ".txt")
