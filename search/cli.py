@@ -7,15 +7,15 @@ run`` must not pay for them): ``pgolf search`` imports the harness inside its co
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
-from pgolf.registry.api.errors import PgolfError
+from pgolf.registry.api.errors import EXIT_OK, EXIT_RUN_FAILED, EXIT_VERDICT_NO, PgolfError
 
 console = Console(highlight=False, soft_wrap=True)
 if not console.is_terminal and console.width < 160:  # logs and pipes: room for the results table
@@ -156,9 +156,9 @@ def cmd_repeat(args: argparse.Namespace) -> int:
     if summary.skipped:
         console.print(f"kept earlier results for seed(s) {', '.join(map(str, summary.skipped))}")
     for line in summary.lines():
-        console.print(f"[bold]{line}[/bold]")
+        console.print(f"[bold]{escape(line)}[/bold]")
     console.print(f"runs in {out}; compare with: pgolf compare {out} --vs OTHER_DIR", markup=False)
-    return 0
+    return EXIT_RUN_FAILED if summary.failed else 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -168,8 +168,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for line in c.lines():
         console.print(line, markup=False)
     if args.json:
-        Path(args.json).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
-    return 0 if c.bar_met else 1
+        from pgolf.registry.run.record import write_json
+
+        write_json(Path(args.json), c.to_dict())
+    return EXIT_OK if c.bar_met else EXIT_VERDICT_NO
 
 
 def add_commands(sub: Any) -> None:

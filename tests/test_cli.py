@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO, SP1024, tiny_stack
 
 from pgolf.registry.run.data import find_shards, read_header
-from pgolf.registry.tools.cli import main
+from pgolf.registry.tools.cli import RUN_FILES, main
 
 
 def write_stack(path: Path, stack: dict[str, Any]) -> Path:
@@ -39,7 +39,7 @@ def test_run_writes_the_result_with_the_challenge_accounting(
     tiny_run: Path, text_dataset: tuple[Path, list[str]]
 ) -> None:
     data_dir, val_docs = text_dataset
-    assert {p.name for p in tiny_run.iterdir()} == {"run.log", "stack.yaml", "model.ptz", "result.json"}
+    assert {p.name for p in tiny_run.iterdir()} == set(RUN_FILES) - {"plugins"}  # no plugin: no copies
     r = json.loads((tiny_run / "result.json").read_text())
     for key in ("val_loss", "val_bpb", "val_tokens", "val_bytes", "model_bytes", "code_bytes", "artifact_bytes",
                 "artifact_limit", "fits", "params", "steps", "train_tokens", "train_seconds",

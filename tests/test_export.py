@@ -10,7 +10,7 @@ from conftest import BASELINE
 
 from pgolf.registry import PgolfError, Role
 from pgolf.registry.api.config import load_stack, stack_from_dict
-from pgolf.registry.run.export import code_bytes, counted_files, export_bytes, load_artifact, write_artifact
+from pgolf.registry.run.export import export_bytes, load_artifact, write_artifact
 from pgolf.registry.run.pipeline import build, estimate_artifact_bytes
 from pgolf.techniques.int8_rowwise import Int8Rowwise, Int8RowwiseParams, quantize_rows
 
@@ -71,18 +71,6 @@ def test_reading_with_the_wrong_codec_is_a_clear_error(tmp_path: Path) -> None:
     write_artifact(tmp_path / "m.ptz", model, zt)
     with pytest.raises(PgolfError, match="could not be decoded with this stack's codec"):
         load_artifact(tmp_path / "m.ptz", [r.instantiate(b.spec) for r in b.techniques])
-
-
-def test_code_bytes_count_the_core_and_the_techniques_used() -> None:
-    plain = load_stack(BASELINE)
-    with_xsa = stack_from_dict({"techniques": {"xsa": {}}})
-    a = code_bytes([r.cls for r in plain.techniques])
-    b = code_bytes([r.cls for r in with_xsa.techniques])
-    files = counted_files([r.cls for r in with_xsa.techniques])
-    assert b.bytes == sum(len(f.read_text(encoding="utf-8").encode()) for f in files)
-    xsa_file = next(f for f in files if f.name == "xsa.py")
-    assert b.bytes - a.bytes == len(xsa_file.read_text(encoding="utf-8").encode())
-    assert "xsa.py" in b.files and "xsa.py" not in a.files and a.sha256 != b.sha256
 
 
 def test_size_estimate_of_the_baseline_is_close_to_the_real_artifact() -> None:

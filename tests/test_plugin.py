@@ -50,7 +50,7 @@ def test_a_stack_uses_the_plugin_by_name(plugin_site: Path, tmp_path: Path, cach
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["techniques"][:2] == ["smear_gate", "xsa"]
-    assert "__init__.py" in result["code_files"]  # the plugin's source is counted code
+    assert "pgolf_smear_gate/__init__.py" in result["code_files"]  # the plugin's source is counted code
 
 
 def test_without_the_package_the_name_is_unknown(tmp_path: Path, cache_dir: Path) -> None:

@@ -3,21 +3,15 @@
 The quantizer and the codec are exclusive slots filled by techniques (defaults: the
 baseline's ``int8_rowwise`` and ``zlib``). The score is always taken after
 :func:`load_artifact` has read the file back from disk, and the reported model bytes are the
-file's size on disk.
-
-Code bytes: until pgolf generates a single-file submission script, the counted code is the
-source of the pgolf modules a stack runs (:data:`COUNTED_CORE_MODULES` plus the files of
-the techniques it uses), measured as UTF-8 bytes — see :func:`code_bytes`.
+file's size on disk. (The counted code bytes are :mod:`.code`'s.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,20 +22,6 @@ from ..api.roles import role_table
 from ..api.technique import Technique
 
 ARTIFACT_NAME = "model.ptz"
-
-COUNTED_CORE_MODULES = (
-    "api/errors", "api/hooks", "api/roles", "api/selectors", "api/technique", "api/config", "run/data",
-    "run/bpb", "run/model", "run/optim", "run/train", "run/evaluate", "run/export", "run/runtime",
-    "run/pipeline",
-)  # fmt: skip
-"""The pgolf modules a training + evaluation run executes (the CLI, progress display, corpus
-builder and search harness are tooling, like the challenge's data scripts, and not counted)."""
-
-CODE_BYTES_METHOD = (
-    "sum of the UTF-8 source bytes of the pgolf modules this stack runs (core: "
-    + ", ".join(COUNTED_CORE_MODULES)
-    + "; plus each technique's file); a generated single-file submission script will replace this count"
-)
 
 
 def slot_filler(techniques: Sequence[Technique], hook_name: str) -> Technique:
@@ -117,40 +97,12 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
             + (f"missing {missing[:5]} " if missing else "")
             + (f"unexpected {extra[:5]}" if extra else "")
         )
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise PgolfError(
+            "the artifact does not match this stack's model shape: "
+            + "; ".join(f"{k} is {a} in the artifact but {b} in the model" for k, a, b in wrong[:3])
+            + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+            + " (was the model's shape changed in the stack after the run?)"
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-# --------------------------------------------------------------------------------------------
-# Counted code
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CodeCount:
-    bytes: int
-    files: tuple[str, ...]
-    sha256: str
-    method: str = CODE_BYTES_METHOD
-
-
-def counted_files(techniques: Sequence[Technique | type[Technique]]) -> list[Path]:
-    here = Path(__file__).resolve().parent.parent
-    files = [here / f"{m}.py" for m in COUNTED_CORE_MODULES]
-    for t in techniques:
-        f = type(t).source_file() if isinstance(t, Technique) else t.source_file()
-        if f is not None and f.resolve() not in files:
-            files.append(f.resolve())
-    return files
-
-
-def code_bytes(techniques: Sequence[Technique | type[Technique]]) -> CodeCount:
-    """UTF-8 byte count (and content hash) of the source files a stack runs."""
-    h = hashlib.sha256()
-    total = 0
-    names = []
-    for f in counted_files(techniques):
-        data = f.read_text(encoding="utf-8").encode("utf-8")
-        total += len(data)
-        h.update(f.name.encode() + b"\0" + data)
-        names.append(f.name)
-    return CodeCount(total, tuple(names), h.hexdigest()[:16])

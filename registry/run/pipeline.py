@@ -25,17 +25,17 @@ from ..api.technique import Technique
 from ..tools import corpus
 from ..tools.progress import LiveProgress, RunLog
 from . import bpb, data
+from .code import code_bytes
 from .evaluate import EvalResult, evaluate
 from .export import (
     ARTIFACT_NAME,
-    atomic_write,
-    code_bytes,
     export_bytes,
     load_artifact,
     load_into,
     write_artifact,
 )
 from .model import GPT, attention_kernel, build_model, count_params
+from .record import check_result, write_json, write_manifest, write_stack
 from .runtime import DistEnv, Runtime, make_runtime, seed_everything, shutdown, versions
 from .train import Trainer, grad_accum_steps
 
@@ -181,14 +181,10 @@ def estimate_artifact_bytes(rs: ResolvedStack, *, margin: int = 0) -> SizeEstima
     model = build(rs, techniques, torch.device("cpu"))
     surrogate_weights_(model, rs.stack.seed)
     model_bytes = len(export_bytes(model, techniques))
-    code = code_bytes(techniques)
+    code = code_bytes(techniques, default_corpus=rs.stack.data.path is None)
     return SizeEstimate(
         model_bytes, code.bytes, margin, rs.stack.export.artifact_limit, time.perf_counter() - t0
     )
-
-
-def write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def score_artifact(
@@ -257,11 +253,11 @@ def _run(
     seed_everything(stack.seed)
     techniques = [r.instantiate(rs.spec) for r in rs.techniques]
     model = build(rs, techniques, runtime.device, runtime.attention)
-    code = code_bytes(techniques)
+    code = code_bytes(techniques, default_corpus=stack.data.path is None)
     n_params = count_params(model)
     vers = versions(runtime)
     if main:
-        atomic_write(out_dir / "stack.yaml", rs.to_yaml().encode())
+        write_stack(out_dir, rs, code)
         log.block("stack (resolved)", rs.to_yaml())
         log.block("versions", json.dumps(vers, indent=2))
         log.block("code", f"{code.bytes:,} bytes, sha256 {code.sha256}: {', '.join(code.files)}")
@@ -311,6 +307,7 @@ def _run(
     artifact = out_dir / ARTIFACT_NAME
     if main:
         write_artifact(artifact, model, techniques)
+        write_manifest(out_dir, rs, code, artifact)
     runtime.barrier()
     model_bytes = artifact.stat().st_size
     final = score_artifact(rs, artifact, runtime, source, techniques=techniques, validation=(val_tokens, lut))
@@ -346,6 +343,7 @@ def _run(
         pre_quant_val_bpb=pre.val_bpb if pre else None,
         history=tres.history,
     )
+    check_result(result.to_dict())  # a non-finite or empty score is a failed run, never a result
     log(
         f"final (from {artifact.name} reloaded from disk): val_loss {result.val_loss:.6f} nats, "
         f"val_bpb {result.val_bpb:.6f} over {result.val_tokens:,} tokens / {result.val_bytes:,} bytes "

@@ -22,14 +22,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..api.config import Stack
-from ..api.errors import PgolfError
+from ..api.errors import PgolfError, RunFailed
 from ..api.technique import Technique, call_hooks
 from .data import DistributedTokenLoader, PrefetchingLoader
 from .optim import OptimizerSet, build_optimizers, lr_multiplier, muon_momentum_at
 from .runtime import Runtime
 
 
-class TrainingDiverged(PgolfError):
+class TrainingDiverged(RunFailed):
     """The training loss became NaN or infinite."""
 
 

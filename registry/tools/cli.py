@@ -1,6 +1,8 @@
 """The ``pgolf`` command line.
 
-Errors a user can fix are printed as one message (no traceback) and exit with status 2.
+Errors a user can fix are printed as one message (no traceback) and exit with status 2; a run
+that produced no valid result exits with 3; verdicts (``check``, ``compare``) use 0 and 1. The
+statuses are listed in :mod:`pgolf.registry.api.errors`.
 This is the only module that reads the process environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK).
 """
 
@@ -20,7 +22,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..api.errors import PgolfError
+from ..api.errors import (
+    EXIT_ERROR,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_RUN_FAILED,
+    PgolfError,
+    RunFailed,
+    os_error_text,
+)
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -77,10 +87,13 @@ def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+RUN_FILES = ("run.log", "stack.yaml", "plugins", "model.ptz", "manifest.json", "result.json")
+"""What a finished run folder holds, in the order a run writes it."""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..api.config import load_stack
     from ..run.pipeline import prepare_data, run
-    from ..run.train import TrainingDiverged
 
     env = _dist_env()
     rs = load_stack(args.stack, args.set)
@@ -106,7 +119,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{str(staging)!r} exists: another run is writing {str(out)!r}, or one was "
                 "killed; remove that folder and retry"
             )
-        staging.mkdir(parents=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as e:
+            raise PgolfError(
+                f"--out {str(out)!r}: cannot create the run folder ({os_error_text(e)}); nothing was written"
+            ) from None
     try:
         result = run(
             rs,
@@ -117,22 +135,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             source=source,
         )
     except BaseException as e:
-        if main:
-            keep = isinstance(e, TrainingDiverged) or not isinstance(e, PgolfError)
-            if keep and staging.exists():
-                failed = out.parent / f"{out.name}.failed"
-                if failed.exists():
-                    shutil.rmtree(failed)
-                (staging / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
-                staging.rename(failed)
-                err_console.print(f"run failed; its log is kept in {failed}")
-            else:
-                shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if not main or not staging.exists():
+            raise
+        if isinstance(e, PgolfError) and not isinstance(e, RunFailed):
+            shutil.rmtree(staging, ignore_errors=True)  # a problem with the input: nothing to keep
+            raise
+        error = _keep_failed_run(staging, out, e)
+        if error is None:
+            raise
+        raise error from None
     if main:
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()
+            staging.rename(out)
+        except OSError as e:
+            raise PgolfError(
+                f"the run finished but its folder could not be moved into place ({os_error_text(e)}); "
+                f"everything it wrote is in {staging}"
+            ) from None
         console.print(
             f"[bold]val_bpb {result.val_bpb:.6f}[/bold]  val_loss {result.val_loss:.6f}  "
             f"artifact {result.artifact_bytes:,} bytes ({'fits' if result.fits else 'does NOT fit'})"
@@ -141,8 +162,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keep_failed_run(staging: Path, out: Path, e: BaseException) -> PgolfError | None:
+    """Keep a failed run's folder as ``OUT.failed``; return the error the user should see (what
+    was lost and what was kept), or None to re-raise ``e`` itself."""
+    from ..run.record import ERROR_FILE, keep_failed
+
+    kept = keep_failed(staging, out, e)
+    folder = kept or staging
+    present = [f for f in RUN_FILES if (folder / f).exists()]
+    if kept is not None and (kept / ERROR_FILE).exists():
+        present.append(ERROR_FILE)
+    where = f"kept in {folder}: {', '.join(present) or 'nothing'}"
+    if isinstance(e, OSError):
+        missing = [f for f in RUN_FILES if not (folder / f).exists() and f != "plugins"]
+        lost = (
+            "the trained model is lost" if "model.ptz" in missing else "the model is kept but was not scored"
+        )
+        return PgolfError(
+            f"the run stopped: cannot write to disk ({os_error_text(e)}); {lost} "
+            f"(not written: {', '.join(missing)}); {where}"
+        )
+    if isinstance(e, RunFailed):
+        return RunFailed(f"{e}; the run's folder is {where}")
+    err_console.print(f"run failed; its log is {where}")
+    return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from ..api.config import load_stack
+    from ..run.code import code_bytes
     from ..run.model import count_params
     from ..run.pipeline import build, estimate_artifact_bytes
 
@@ -158,6 +206,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     n = count_params(build(rs, [r.instantiate(rs.spec) for r in rs.techniques], torch.device("meta")))
     console.print(f"[bold]parameters[/bold] {n:,}")
+    code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
+    console.print(f"[bold]counted code[/bold] {code.bytes:,} bytes in {len(code.files)} files")
     if args.no_estimate:
         return 0
     est = estimate_artifact_bytes(rs)
@@ -172,44 +222,81 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
+    import math
 
     import numpy as np
 
     from ..api.config import load_stack
+    from ..run.code import code_bytes
     from ..run.export import ARTIFACT_NAME, atomic_write
     from ..run.pipeline import prepare_data, score_artifact
+    from ..run.record import RESULT_FILE, check_result, verify_run_folder
     from ..run.runtime import make_runtime
 
     run_dir = Path(args.dir)
     stack_file = run_dir / "stack.yaml"
+    if not run_dir.is_dir():
+        raise PgolfError(f"{str(run_dir)!r} is not a folder (give a folder written by `pgolf run`)")
     if not stack_file.is_file():
         raise PgolfError(f"{str(run_dir)!r} is not a run folder (no stack.yaml)")
+    if args.dump_nll is not None:
+        _check_writable_parent(Path(args.dump_nll), "--dump-nll")
     rs = load_stack(stack_file)
+    code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
+    for note in verify_run_folder(run_dir, rs, code, allow_code_change=args.allow_code_change):
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}")
     source = prepare_data(rs.stack)
     runtime = make_runtime(rs.stack.train)
     res = score_artifact(rs, run_dir / ARTIFACT_NAME, runtime, source, want_nll=args.dump_nll is not None)
+    check_result({"val_loss": res.val_loss, "val_bpb": res.val_bpb, "val_tokens": res.tokens,
+                  "val_bytes": res.bytes})  # fmt: skip
     console.print(
         f"val_loss {res.val_loss:.6f}  val_bpb {res.val_bpb:.6f}  tokens {res.tokens:,}  "
         f"bytes {res.bytes:,}  ({res.seconds:.1f}s)"
     )
-    saved = run_dir / "result.json"
+    saved = run_dir / RESULT_FILE
     if saved.is_file():
-        prev = json.loads(saved.read_text())
-        console.print(
-            f"result.json: val_bpb {prev.get('val_bpb'):.6f}  (difference "
-            f"{res.val_bpb - float(prev.get('val_bpb', float('nan'))):+.2e})"
-        )
+        try:
+            prev = json.loads(saved.read_text(encoding="utf-8")).get("val_bpb")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            prev = None
+        if isinstance(prev, (int, float)) and math.isfinite(prev):
+            console.print(f"result.json: val_bpb {prev:.6f}  (difference {res.val_bpb - prev:+.2e})")
+        else:
+            console.print(f"result.json holds no valid val_bpb ({prev!r})", markup=False)
     if args.dump_nll is not None:
         import io
 
         assert res.nll is not None
         buf = io.BytesIO()
         np.save(buf, res.nll)
-        atomic_write(Path(args.dump_nll), buf.getvalue())
+        try:
+            atomic_write(Path(args.dump_nll), buf.getvalue())
+        except OSError as e:
+            raise PgolfError(
+                f"--dump-nll: cannot write {args.dump_nll} ({os_error_text(e)}); the scores above are "
+                "complete, only the per-token file was not written (no partial file is left)"
+            ) from None
         console.print(
             f"per-token NLL (nats, {res.tokens:,} float32 values in stream order) → {args.dump_nll}"
         )
     return 0
+
+
+def _check_writable_parent(path: Path, what: str) -> None:
+    """Refuse before any work when ``path``'s folder is missing or cannot take a new file."""
+    import tempfile
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise PgolfError(f"{what} {str(path)!r} is a folder; give a file path")
+    if not parent.is_dir():
+        raise PgolfError(f"{what} {str(path)!r}: folder {str(parent)!r} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise PgolfError(f"{what} {str(path)!r}: cannot write there ({os_error_text(e)})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="re-score the artifact of a run folder")
     p.add_argument("dir", help="a folder written by `pgolf run`")
     p.add_argument("--dump-nll", metavar="FILE.npy", help="write the per-token NLL of the validation stream")
+    p.add_argument(
+        "--allow-code-change",
+        action="store_true",
+        help="re-score even if pgolf's or a plugin's code differs from the code the run executed",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("techniques", help="list techniques, or describe one")
@@ -409,12 +501,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
+    except RunFailed as e:
+        err_console.print(
+            f"[bold red]run failed:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True
+        )
+        return EXIT_RUN_FAILED
     except PgolfError as e:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return 2
+        return EXIT_ERROR
+    except OSError as e:  # a file or folder the command could not read or write
+        err_console.print(f"[bold red]error:[/bold red] {escape(os_error_text(e))}", highlight=False)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception:
+        import traceback
+
+        err_console.print(traceback.format_exc(), markup=False, highlight=False)
+        err_console.print(
+            "[bold red]internal error[/bold red] (a bug in pgolf; please report it with the above)"
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
