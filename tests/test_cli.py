@@ -100,17 +100,30 @@ def test_all_five_first_techniques_run_end_to_end(cache_dir: Path, tmp_path: Pat
     assert "embedded default corpus" in r["data"]
 
 
-def test_check_prints_order_params_and_estimate(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", str(REPO / "stacks" / "quickstart.yaml")]) == 0
+def test_check_prints_order_params_data_and_estimate(
+    cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quickstart = str(REPO / "stacks" / "quickstart.yaml")
+    assert main(["check", quickstart, "--set", f"data.cache_dir={cache_dir}"]) == 0
     out = capsys.readouterr().out
     assert "technique order" in out and "int8_rowwise" in out and "(slot default)" in out
     assert "parameters 592,144" in out  # 1024·128 + 4·(114,688 + 516) + 2·128
     assert "estimated artifact" in out and "fits" in out
+    assert "embedded default corpus" in out and "checked against the tokenizer" in out
 
 
 def test_check_exits_1_when_the_estimate_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
-        main(["check", str(REPO / "stacks" / "quickstart.yaml"), "--set", "export.artifact_limit=1000"]) == 1
+        main(
+            [
+                "check",
+                str(REPO / "stacks" / "quickstart.yaml"),
+                "--no-data",
+                "--set",
+                "export.artifact_limit=1000",
+            ]
+        )
+        == 1
     )
     assert "does NOT fit" in capsys.readouterr().out
 

@@ -14,6 +14,7 @@ SentencePiece model, exactly as the challenge's ``train_gpt.py`` builds them:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +56,6 @@ def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
         raise DataError(f"{path}: not a valid SentencePiece model ({e})") from None
 
 
-def _check_space_piece(sp: spm.SentencePieceProcessor) -> None:
-    pid = sp.piece_to_id(SPACE_PIECE)
-    if pid == sp.unk_id() or sp.id_to_piece(pid) != SPACE_PIECE:
-        raise DataError(
-            f"tokenizer has no standalone {SPACE_PIECE!r} piece: a space before a digit or a rare "
-            "character would become <unk> and count 0 bytes, so val_bpb would be mis-counted "
-            "(challenge issue #897); retrain it so that the space piece is in the vocabulary"
-        )
-
-
 def _piece_bytes(sp: spm.SentencePieceProcessor, t: int) -> tuple[int, bool]:
     """(base bytes, has leading space) of the normal or byte piece ``t``."""
     if sp.is_byte(t):
@@ -80,9 +71,15 @@ def build_byte_lut(sp: spm.SentencePieceProcessor, vocab_size: int | None = None
     """The byte tables for ``sp``, covering ids ``[0, max(vocab_size, sp.vocab_size()))``.
 
     Ids beyond the tokenizer's vocabulary (a model vocabulary padded past it) count 0 bytes and are
-    boundaries, as in the challenge's code.
+    boundaries, as in the challenge's code. Raises :class:`DataError` when the tables do not count
+    the probe text's UTF-8 bytes exactly (:func:`check_byte_accounting`).
     """
-    _check_space_piece(sp)
+    lut = _tables(sp, vocab_size)
+    check_byte_accounting(sp, lut)
+    return lut
+
+
+def _tables(sp: spm.SentencePieceProcessor, vocab_size: int | None) -> ByteLUT:
     sp_size = int(sp.vocab_size())
     size = max(sp_size, vocab_size if vocab_size is not None else sp_size)
     base = torch.zeros(size, dtype=torch.int16)
@@ -94,6 +91,87 @@ def build_byte_lut(sp: spm.SentencePieceProcessor, vocab_size: int | None = None
         n, space = _piece_bytes(sp, t)
         base[t], lead[t], boundary[t] = n, space, False
     return ByteLUT(base_bytes=base, has_leading_space=lead, is_boundary=boundary, vocab_size=size)
+
+
+# --------------------------------------------------------------------------------------------
+# the property the tables must have
+# --------------------------------------------------------------------------------------------
+
+PROBE_TEXT = (
+    "The 3 cats sat on 42 mats. In 2024, prices rose 17% (from $1,250 to $1,462); see page 7, "
+    "e.g. 'single' and \"double\" quotes - a [bracket] {brace} <angle> #tag @user & co * 9 + 1 = 10 "
+    "/ 2 | x ~ y ^ z! Why? Because: 1.5 > 0.5, and _under_score `code` \\ back."
+)
+"""English with digits and punctuation after spaces: the places where a tokenizer without a usable
+standalone ``▁`` mis-counts a space (challenge issue #897)."""
+
+
+def probe_text(sp: spm.SentencePieceProcessor) -> str:
+    """:data:`PROBE_TEXT` restricted to the characters ``sp`` has pieces for (all of them with byte
+    fallback) — spaces always kept — with runs of spaces collapsed."""
+    if any(sp.is_byte(t) for t in range(sp.vocab_size())):
+        return PROBE_TEXT
+    chars = {" "}
+    for t in range(sp.vocab_size()):
+        if not (sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t)):
+            piece = sp.id_to_piece(t)
+            if len(piece) == 1:
+                chars.add(piece)
+    return " ".join("".join(c for c in PROBE_TEXT if c in chars).split())
+
+
+def counted_bytes(ids: Sequence[int], lut: ByteLUT, bos: int) -> int:
+    """Bytes the tables give the document ``[bos] + ids`` (its targets after ``bos``)."""
+    seq = torch.tensor([bos, *ids], dtype=torch.long)
+    return int(target_bytes(seq[:-1], seq[1:], lut).sum())
+
+
+def check_byte_accounting(sp: spm.SentencePieceProcessor, lut: ByteLUT, texts: Sequence[str] = ()) -> None:
+    """Check the property val_bpb rests on: for the probe text (:func:`probe_text`) and each of
+    ``texts``, ``decode(encode(text)) == text`` and the tables count exactly its UTF-8 bytes.
+
+    ``texts`` must be text ``sp`` reproduces (e.g. validation documents decoded from their ids);
+    raises :class:`DataError` with the text, the two byte counts and the pieces involved.
+    """
+    bos = sp.bos_id() if sp.bos_id() >= 0 else 0
+    for i, text in enumerate([probe_text(sp), *texts]):
+        what = "the probe text" if i == 0 else f"validation document {i - 1}"
+        ids = sp.encode(text)
+        back = sp.decode(ids)
+        if back != text:
+            lost = [sp.id_to_piece(t) for t in ids if sp.is_unknown(t)]
+            raise DataError(
+                f"tokenizer cannot reproduce {what}: {_clip(text)!r} decodes back as {_clip(back)!r}"
+                + (f" ({len(lost)} piece(s) became <unk>)" if lost else "")
+                + _space_hint(sp)
+            )
+        counted, actual = counted_bytes(ids, lut, bos), len(text.encode("utf-8"))
+        if counted != actual:
+            raise DataError(
+                f"the tokenizer's byte tables count {counted} bytes for {what} ({_clip(text)!r}), "
+                f"which has {actual} UTF-8 bytes, so val_bpb would be mis-counted; pieces: "
+                f"{_clip(' '.join(sp.id_to_piece(t) for t in ids), 160)}" + _space_hint(sp)
+            )
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _space_hint(sp: spm.SentencePieceProcessor) -> str:
+    pid = sp.piece_to_id(SPACE_PIECE)
+    usable = (
+        pid != sp.unk_id()
+        and sp.id_to_piece(pid) == SPACE_PIECE
+        and not (sp.is_control(pid) or sp.is_unused(pid) or sp.is_unknown(pid))
+    )
+    if usable:
+        return ""
+    return (
+        f"; the tokenizer has no usable standalone {SPACE_PIECE!r} piece, so a space before a digit or "
+        "a rare character is not counted as one byte (challenge issue #897): retrain it so that the "
+        "space piece is in the vocabulary"
+    )
 
 
 def target_bytes(x: torch.Tensor, y: torch.Tensor, lut: ByteLUT) -> torch.Tensor:

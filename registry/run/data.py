@@ -11,6 +11,7 @@ splits each contiguous chunk of the stream between ranks exactly like the baseli
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import secrets
@@ -137,15 +138,57 @@ def find_shards(data_dir: Path, split: str, limit: int | None = None) -> list[Pa
     return paths
 
 
-def check_shards(paths: Sequence[Path]) -> int:
-    """Read every shard header (so a bad shard fails before training); return the total token count."""
+_SCAN_CHUNK = 1 << 24
+
+
+def shard_key(path: Path) -> tuple[str, int, int]:
+    """(resolved path, size, modification time): a shard file's version, for remembered scans."""
+    st = Path(path).stat()
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4096)
+def _scan(key: tuple[str, int, int]) -> tuple[int, int]:
+    tokens = load_shard(Path(key[0]))
+    top = max(
+        (int(tokens[i : i + _SCAN_CHUNK].max()) for i in range(0, len(tokens), _SCAN_CHUNK)), default=-1
+    )
+    return len(tokens), top
+
+
+def check_ids(path: Path, vocab_size: int) -> int:
+    """Validate a shard's header and that every id is below ``vocab_size`` (one max over the
+    memory map, remembered per file version); returns its token count. Raises
+    :class:`DataError` naming the file, the first offending position and its id."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: shard file not found")
+    n, top = _scan(shard_key(path))
+    if top >= vocab_size:
+        tokens = load_shard(Path(path))
+        pos = int(np.argmax(tokens >= vocab_size))
+        raise DataError(
+            f"{path}: token id {int(tokens[pos])} at position {pos:,} (largest id {top}) is outside "
+            f"the vocabulary of {vocab_size} (ids 0..{vocab_size - 1}): these shards were made with "
+            "another tokenizer, or are corrupted"
+        )
+    return n
+
+
+def check_shards(paths: Sequence[Path], vocab_size: int | None = None) -> int:
+    """Read every shard header (so a bad shard fails before training) and, given ``vocab_size``,
+    check every id is below it (:func:`check_ids`); return the total token count."""
+    if vocab_size is not None:
+        return sum(check_ids(Path(p), vocab_size) for p in paths)
     return sum(read_header(Path(p)) for p in paths)
 
 
-def load_tokens(paths: Sequence[Path]) -> torch.Tensor:
-    """Concatenate whole shards (e.g. the validation split) into one 1-D int32 tensor."""
+def load_tokens(paths: Sequence[Path], vocab_size: int | None = None) -> torch.Tensor:
+    """Concatenate whole shards (e.g. the validation split) into one 1-D int32 tensor; given
+    ``vocab_size``, every id is checked to be below it first."""
     if not paths:
         raise DataError("no shards given to load")
+    if vocab_size is not None:
+        check_shards(paths, vocab_size)
     parts = [np.asarray(load_shard(Path(p)), dtype=np.int32) for p in paths]
     return torch.from_numpy(np.concatenate(parts))
 
@@ -154,12 +197,14 @@ class TokenStream:
     """Reads the shards front to back in the given order, wrapping around at the end.
 
     Shards are memory-mapped lazily, one at a time. The position is ``(shard, pos)``: the next
-    token is ``pos`` in shard number ``shard``.
+    token is ``pos`` in shard number ``shard``. Given ``vocab_size``, each shard's ids are checked
+    to be below it when the shard is opened (:func:`check_ids`).
     """
 
-    def __init__(self, paths: Sequence[Path]):
+    def __init__(self, paths: Sequence[Path], vocab_size: int | None = None):
         if not paths:
             raise DataError("no shards given to stream tokens from")
+        self.vocab_size = vocab_size
         self.paths = [Path(p) for p in paths]
         self.shard = 0
         self.pos = 0
@@ -167,6 +212,8 @@ class TokenStream:
 
     def _current(self) -> np.ndarray:
         if self._tokens is None:
+            if self.vocab_size is not None:
+                check_ids(self.paths[self.shard], self.vocab_size)
             self._tokens = load_shard(self.paths[self.shard])
         return self._tokens
 
@@ -224,12 +271,12 @@ class DistributedTokenLoader:
     ``span[1:]``, each shaped ``(local_tokens // seq_len, seq_len)``.
     """
 
-    def __init__(self, paths: Sequence[Path], rank: int, world_size: int):
+    def __init__(self, paths: Sequence[Path], rank: int, world_size: int, vocab_size: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not valid for world_size {world_size}")
         self.rank = rank
         self.world_size = world_size
-        self.stream = TokenStream(paths)
+        self.stream = TokenStream(paths, vocab_size)
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``(x, y)`` int64 CPU tensors of shape ``(local_tokens // seq_len, seq_len)``."""

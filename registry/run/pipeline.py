@@ -26,6 +26,7 @@ from ..tools import corpus
 from ..tools.progress import LiveProgress, RunLog
 from . import bpb, data
 from .code import code_bytes
+from .dataset import check_dataset
 from .evaluate import EvalResult, evaluate
 from .export import (
     ARTIFACT_NAME,
@@ -51,7 +52,9 @@ class DataSource:
 
     def validation(self, vocab_size: int) -> tuple[torch.Tensor, bpb.ByteLUT]:
         """The whole validation stream and the byte table that scores it."""
-        return data.load_tokens(self.val), bpb.build_byte_lut(bpb.load_tokenizer(self.tokenizer), vocab_size)
+        return data.load_tokens(self.val, vocab_size), bpb.build_byte_lut(
+            bpb.load_tokenizer(self.tokenizer), vocab_size
+        )
 
 
 @dataclass
@@ -130,13 +133,7 @@ def prepare_data(stack: Stack) -> DataSource:
         desc = f"{folder} (tokenizer {tok.name})"
     train = data.find_shards(folder, "train", limit=d.train_shards)
     val = data.find_shards(folder, "val")
-    data.check_shards(train + val)
-    sp = bpb.load_tokenizer(tok)
-    if sp.vocab_size() != stack.model.vocab_size:
-        raise DataError(
-            f"data.tokenizer {tok.name} has {sp.vocab_size()} pieces but model.vocab_size is "
-            f"{stack.model.vocab_size}; set model.vocab_size: {sp.vocab_size()}"
-        )
+    check_dataset(folder, train, val, tok, stack.model.vocab_size, all_train=d.train_shards is None)
     return DataSource(train, val, tok, desc)
 
 
@@ -289,7 +286,9 @@ def _run(
             report({"step": step, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "final": False})
         return r.val_loss, r.val_bpb
 
-    loader = data.DistributedTokenLoader(source.train, runtime.rank, runtime.world_size)
+    loader = data.DistributedTokenLoader(
+        source.train, runtime.rank, runtime.world_size, vocab_size=stack.model.vocab_size
+    )
     trainer = Trainer(model, techniques, stack, runtime, loader)
     with LiveProgress(
         console if main else None, stack.train.iterations, stack.train.max_wallclock_seconds

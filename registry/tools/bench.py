@@ -635,7 +635,9 @@ def measure(
         techniques = [r.instantiate(rs.spec) for r in rs.techniques]
         model = build(rs, techniques, runtime.device, runtime.attention)
         n_params = count_params(model)
-        loader = data.DistributedTokenLoader(source.train, runtime.rank, runtime.world_size)
+        loader = data.DistributedTokenLoader(
+            source.train, runtime.rank, runtime.world_size, vocab_size=stack.model.vocab_size
+        )
         trainer = Trainer(model, techniques, run_rs.stack, runtime, loader)
         log(f"  warm-up: {warm} step(s){' (includes torch.compile)' if runtime.compile else ''}")
         t0 = time.perf_counter()

@@ -192,7 +192,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..api.config import load_stack
     from ..run.code import code_bytes
     from ..run.model import count_params
-    from ..run.pipeline import build, estimate_artifact_bytes
+    from ..run.pipeline import build, estimate_artifact_bytes, prepare_data
 
     rs = load_stack(args.stack, args.set)
     console.print("[bold]resolved stack[/bold]")
@@ -208,6 +208,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     console.print(f"[bold]parameters[/bold] {n:,}")
     code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
     console.print(f"[bold]counted code[/bold] {code.bytes:,} bytes in {len(code.files)} files")
+    if not args.no_data:  # shards, id ranges and tokenizer, as `pgolf run` checks them
+        source = prepare_data(rs.stack)
+        console.print(
+            f"[bold]data[/bold] {escape(source.description)}: {len(source.train)} train and "
+            f"{len(source.val)} validation shard(s) checked against the tokenizer"
+        )
     if args.no_estimate:
         return 0
     est = estimate_artifact_bytes(rs)
@@ -447,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stack")
     add_set_argument(p)
     p.add_argument("--no-estimate", action="store_true")
+    p.add_argument("--no-data", action="store_true", help="skip checking the shards and the tokenizer")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("eval", help="re-score the artifact of a run folder")

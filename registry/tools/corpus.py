@@ -38,11 +38,12 @@ import sentencepiece as spm
 from ..api.errors import DataError
 from ..run.bpb import build_byte_lut, load_tokenizer
 from ..run.data import MAX_TOKEN_ID, check_shards, find_shards, shard_name, write_shard
+from ..run.dataset import MANIFEST, check_dataset, file_sha256
 
 TXT_MODES = ("file", "paragraph", "line")
 DOC_SUFFIXES = (".jsonl", ".txt")
 BOS_ID = 1
-DATASET_JSON = "dataset.json"
+DATASET_JSON = MANIFEST
 TOKENIZER_FILE = "tokenizer.model"
 DATASET_FORMAT = "pgolf-dataset"
 DATASET_FORMAT_VERSION = 1
@@ -194,7 +195,10 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_prefix: Path) -> P
     out = Path(f"{out_prefix}.model")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model.getvalue())
-    build_byte_lut(load_tokenizer(out))  # raises if there is no standalone "▁" piece
+    try:
+        build_byte_lut(load_tokenizer(out))  # its byte tables must count text exactly
+    except DataError as e:
+        raise DataError(f"the {vocab_size}-piece tokenizer trained on these documents: {e}") from None
     return out
 
 
@@ -204,7 +208,10 @@ def _check_tokenizer(path: Path) -> spm.SentencePieceProcessor:
         raise DataError(f"{path}: vocab size {sp.vocab_size()} does not fit uint16 shards (max 65536)")
     if sp.bos_id() != BOS_ID:
         raise DataError(f"{path}: tokenizer BOS id is {sp.bos_id()}; the challenge format expects {BOS_ID}")
-    build_byte_lut(sp)
+    try:
+        build_byte_lut(sp)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     return sp
 
 
@@ -362,6 +369,7 @@ def _write_dataset(
         "format_version": DATASET_FORMAT_VERSION,
         "vocab_size": int(sp.vocab_size()),
         "tokenizer": TOKENIZER_FILE,
+        "tokenizer_sha256": file_sha256(model),
         "tokenizer_source": str(tokenizer) if tokenizer is not None else None,
         "tokenizer_trained": vocab_size is not None,
         "requested_vocab_size": vocab_size,
@@ -371,6 +379,8 @@ def _write_dataset(
         "splits": splits,
     }
     (work / DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    # the shards must be scoreable with their tokenizer: ranges, round trip, byte accounting
+    check_dataset(work, find_shards(work, "train"), find_shards(work, "val"), model, int(sp.vocab_size()))
 
 
 def _temp_sibling(target: Path, tag: str) -> Path:
