@@ -135,6 +135,8 @@ def _seed_list(args: argparse.Namespace) -> list[int]:
 
 
 def cmd_repeat(args: argparse.Namespace) -> int:
+    from pgolf.registry.tools.cli import check_writable
+
     from .repeat import RunScore, repeat
 
     seeds = _seed_list(args)
@@ -143,6 +145,8 @@ def cmd_repeat(args: argparse.Namespace) -> int:
         if args.out
         else Path("runs") / f"{Path(args.stack).stem}-repeat-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+
+    check_writable(out, "--out", folder=True)
 
     def on_seed(seed: int, score: RunScore | None) -> None:
         if score is None:
@@ -162,8 +166,12 @@ def cmd_repeat(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from pgolf.registry.tools.cli import check_writable
+
     from .repeat import compare
 
+    if args.json:
+        check_writable(Path(args.json), "--json")
     c = compare(args.a, args.vs)
     for line in c.lines():
         console.print(line, markup=False)

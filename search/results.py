@@ -20,6 +20,7 @@ import yaml
 from rich.table import Table
 from rich.text import Text
 
+from pgolf.registry.api.config import read_yaml
 from pgolf.registry.api.errors import PgolfError
 
 from .ledger import LEDGER_NAME, Ledger
@@ -131,20 +132,23 @@ def load_study(study_dir: Path) -> Study:
     spec_file = study_dir / "search.yaml"
     if not spec_file.is_file() or not ledger.path.is_file():
         raise PgolfError(f"{str(study_dir)!r} is not a study folder (needs search.yaml and {LEDGER_NAME})")
-    spec = yaml.safe_load(spec_file.read_text()) or {}
+    spec = read_yaml(spec_file)  # malformed YAML: one error naming the file and line
     base_file = study_dir / "base_stack.yaml"
-    base = yaml.safe_load(base_file.read_text()) if base_file.is_file() else dict(spec.get("stack") or {})
-    rows = [_row(n, rec, base) for n, rec in ledger.records().items() if rec.get("state")]
-    study = Study(
-        dir=study_dir,
-        name=str(spec.get("name") or study_dir.name),
-        limit=int((spec.get("constraint") or {}).get("artifact_bytes", 16_000_000)),
-        metric=str((spec.get("objective") or {}).get("metric", "val_bpb")),
-        seeds=list((spec.get("search") or {}).get("seeds", [1337])),
-        num_samples=int((spec.get("search") or {}).get("num_samples", 0)),
-        base=base,
-        rows=rank(rows),
-    )
+    base = read_yaml(base_file) if base_file.is_file() else dict(spec.get("stack") or {})
+    try:
+        rows = [_row(n, rec, base) for n, rec in ledger.records().items() if rec.get("state")]
+        study = Study(
+            dir=study_dir,
+            name=str(spec.get("name") or study_dir.name),
+            limit=int((spec.get("constraint") or {}).get("artifact_bytes", 16_000_000)),
+            metric=str((spec.get("objective") or {}).get("metric", "val_bpb")),
+            seeds=list((spec.get("search") or {}).get("seeds", [1337])),
+            num_samples=int((spec.get("search") or {}).get("num_samples", 0)),
+            base=base,
+            rows=rank(rows),
+        )
+    except (AttributeError, TypeError, ValueError) as e:
+        raise PgolfError(f"{study_dir}: malformed study files ({type(e).__name__}: {e})") from None
     return study
 
 

@@ -63,6 +63,18 @@ def non_finite_fields(obj: Any, path: str = "") -> Iterator[tuple[str, float]]:
             yield from non_finite_fields(v, f"{path}[{i}]")
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (for measurements such as a
+    benchmark's, where a missing figure is not a failed run)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def dumps_json(obj: Any) -> str:
     """Strict JSON (``NaN`` and ``Infinity`` are not JSON): raises :class:`PgolfError` naming
     the first non-finite field instead of writing it."""

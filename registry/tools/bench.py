@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..api.config import ResolvedStack, stack_from_dict
-from ..api.errors import PgolfError, did_you_mean
+from ..api.errors import PgolfError, did_you_mean, os_error_text
 from ..api.technique import REGISTRY, Technique, call_hooks
 from ..run.model import MLP, Attention, count_params, model_flops_per_token
 
@@ -1063,9 +1063,12 @@ def result_path(result: Mapping[str, Any], out_dir: Path) -> Path:
 
 def write_result(result: Mapping[str, Any], out_dir: Path) -> Path:
     from ..run.export import atomic_write
+    from ..run.record import finite_or_none
 
     path = result_path(result, out_dir)
-    atomic_write(path, (json.dumps(result, indent=2, default=str) + "\n").encode())
+    atomic_write(
+        path, (json.dumps(finite_or_none(result), indent=2, default=str, allow_nan=False) + "\n").encode()
+    )
     return path
 
 
@@ -1293,11 +1296,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..api.config import load_stack
+    from .cli import check_writable
 
     console = Console(highlight=False, soft_wrap=True)
     out_dir = Path(args.out_dir)
     readme = Path(args.readme) if args.readme else out_dir.parent / "README.md"
     if args.readme_only:
+        check_writable(readme, "--readme")
         regenerate_readme(out_dir, readme)
         console.print(f"regenerated {readme} from {out_dir}")
         return 0
@@ -1315,6 +1320,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.warmup is not None and args.warmup < 0:
         raise PgolfError(f"--warmup must be at least 0, got {args.warmup}")
     rs = load_stack(args.stack, args.set)
+    check_writable(out_dir, "--out-dir", folder=True)  # before minutes of measuring, not after
+    check_writable(readme, "--readme")
     opts = BenchOptions(
         steps=args.steps,
         warmup=args.warmup,
@@ -1328,9 +1335,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench(
         rs, opts, techniques=args.techniques, command=command, log=lambda s: console.print(s, markup=False)
     )
-    path = write_result(result, out_dir)
-    regenerate_readme(out_dir, readme)
-    console.print(summary(result), markup=False)
+    console.print(summary(result), markup=False)  # shown even if it cannot be saved below
+    try:
+        path = write_result(result, out_dir)
+    except OSError as e:
+        raise PgolfError(
+            f"the measurements above could not be saved ({os_error_text(e)}); nothing was written to {out_dir}"
+        ) from None
+    try:
+        regenerate_readme(out_dir, readme)
+    except OSError as e:
+        raise PgolfError(
+            f"saved {path}, but {readme} could not be regenerated ({os_error_text(e)})"
+        ) from None
     console.print(f"→ {path}; tables in {readme}")
     return 0
 

@@ -113,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     main = env.rank == 0
     source = None
     if main:
+        check_writable(out, "--out", folder=True)  # before the data are prepared (minutes, maybe)
         source = prepare_data(rs.stack)  # data problems surface before any folder is created
         if staging.exists():
             raise PgolfError(
@@ -246,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not stack_file.is_file():
         raise PgolfError(f"{str(run_dir)!r} is not a run folder (no stack.yaml)")
     if args.dump_nll is not None:
-        _check_writable_parent(Path(args.dump_nll), "--dump-nll")
+        check_writable(Path(args.dump_nll), "--dump-nll")
     rs = load_stack(stack_file)
     code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
     for note in verify_run_folder(run_dir, rs, code, allow_code_change=args.allow_code_change):
@@ -289,20 +290,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable_parent(path: Path, what: str) -> None:
-    """Refuse before any work when ``path``'s folder is missing or cannot take a new file."""
+def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
+    """Refuse before any work when ``path`` (a file to write, or with ``folder`` a folder to
+    create or fill) cannot be written: its nearest existing folder must take a new file."""
     import tempfile
 
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
+    path = Path(path)
+    if not folder and path.is_dir():
         raise PgolfError(f"{what} {str(path)!r} is a folder; give a file path")
-    if not parent.is_dir():
-        raise PgolfError(f"{what} {str(path)!r}: folder {str(parent)!r} does not exist")
+    start = path if folder else path.parent
+    existing = start if str(start) else Path(".")
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PgolfError(f"{what} {str(path)!r}: {str(existing)!r} is a file, not a folder")
     try:
-        with tempfile.TemporaryFile(dir=parent):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise PgolfError(f"{what} {str(path)!r}: cannot write there ({os_error_text(e)})") from None
+        raise PgolfError(
+            f"{what} {str(path)!r}: cannot write in {str(existing)!r} ({os_error_text(e)}); nothing was done"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,16 +408,24 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     if (args.tokenizer is None) == (args.vocab_size is None):
         raise PgolfError("give exactly one of --tokenizer X.model or --vocab-size N")
-    info = build_dataset(
-        [Path(p) for p in args.input],
-        Path(args.out),
-        tokenizer=Path(args.tokenizer) if args.tokenizer else None,
-        vocab_size=args.vocab_size,
-        val_docs=args.val_docs,
-        shard_tokens=args.shard_tokens,
-        txt_mode=args.txt_docs,
-        text_key=args.text_key,
-    )
+    out = Path(args.out)
+    check_writable(out, "--out", folder=True)
+    try:
+        info = build_dataset(
+            [Path(p) for p in args.input],
+            out,
+            tokenizer=Path(args.tokenizer) if args.tokenizer else None,
+            vocab_size=args.vocab_size,
+            val_docs=args.val_docs,
+            shard_tokens=args.shard_tokens,
+            txt_mode=args.txt_docs,
+            text_key=args.text_key,
+        )
+    except OSError as e:  # build_dataset writes beside --out and removes its work on failure
+        raise PgolfError(
+            f"data build stopped: cannot write ({os_error_text(e)}); nothing was written to {out} "
+            "(the partly written shards were removed) and the input documents are untouched"
+        ) from None
     console.print(
         f"wrote {info.path}: val {info.val_docs:,} docs / {info.val_tokens:,} tokens, "
         f"train {info.train_docs:,} docs / {info.train_tokens:,} tokens, vocab {info.vocab_size}, "

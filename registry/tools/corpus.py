@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from ..api.errors import DataError
+from ..api.errors import DataError, os_error_text
 from ..run.bpb import build_byte_lut, load_tokenizer
 from ..run.data import MAX_TOKEN_ID, check_shards, find_shards, shard_name, write_shard
 from ..run.dataset import MANIFEST, check_dataset, file_sha256
@@ -528,6 +528,14 @@ def _discard(path: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def _cache_error(cache_dir: Path, e: OSError) -> str:
+    return (
+        f"data.cache_dir {cache_dir}: cannot build the default corpus there ({os_error_text(e)}); "
+        "nothing was kept (the partly built folder was removed); set data.cache_dir to a writable folder "
+        "with a few MB free"
+    )
+
+
 def default_dataset(cache_dir: Path, vocab_size: int = 1024) -> DatasetInfo:
     """The default dataset (stdlib docstrings, a trained ``vocab_size`` tokenizer), built once.
 
@@ -544,7 +552,10 @@ def default_dataset(cache_dir: Path, vocab_size: int = 1024) -> DatasetInfo:
             return cached
         _discard(target)  # only a corrupted one: complete datasets are renamed into place whole
     docs = stdlib_documents()
-    work = _temp_sibling(target, "building")
+    try:
+        work = _temp_sibling(target, "building")
+    except OSError as e:
+        raise DataError(_cache_error(cache_dir, e)) from None
     try:
         _write_dataset(
             work,
@@ -557,11 +568,11 @@ def default_dataset(cache_dir: Path, vocab_size: int = 1024) -> DatasetInfo:
             settings={"corpus": _DEFAULT_RECIPE, "min_doc_chars": DEFAULT_MIN_DOC_CHARS},
         )
         os.rename(work, target)
-    except OSError:
+    except OSError as e:
         shutil.rmtree(work, ignore_errors=True)
         if (won := _valid_cached(target)) is not None:
             return won  # another process finished first
-        raise
+        raise DataError(_cache_error(cache_dir, e)) from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
