@@ -342,3 +342,26 @@ def test_the_seed_changes_the_init_but_not_the_data_order(
     (b1, init1), (b2, init2) = seen
     assert len(b1) == len(b2) > 1 and all(torch.equal(a, b) for a, b in zip(b1, b2))
     assert not torch.equal(init1, init2)
+
+
+def test_changed_validation_data_are_refused(
+    text_dataset: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from pgolf.registry.run import data
+
+    folder = tmp_path / "data"
+    shutil.copytree(text_dataset[0], folder)
+    stack = quick(tmp_path, data={"path": str(folder), "tokenizer": str(folder / "tokenizer.model")})
+    f = write_stack(tmp_path / "s.yaml", stack)
+    assert main(["run", str(f), "--out", str(tmp_path / "out"), "--quiet", "--no-estimate"]) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert set(m["data"]["val"]) == {"fineweb_val_000000.bin"} and len(m["data"]["tokenizer"]["sha256"]) == 64
+    val = data.find_shards(folder, "val")[0]
+    tokens = np.asarray(data.load_shard(val)).copy()
+    tokens[-3], tokens[-2] = tokens[-2], tokens[-3]  # same tokens, same count: a different stream
+    data.write_shard(val, tokens)
+    assert main(["eval", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the scoring data differ from the run's (fineweb_val_000000.bin changed)" in err

@@ -306,7 +306,7 @@ def _run(
     artifact = out_dir / ARTIFACT_NAME
     if main:
         write_artifact(artifact, model, techniques)
-        write_manifest(out_dir, rs, code, artifact)
+        write_manifest(out_dir, rs, code, artifact, source.tokenizer, source.val)
     runtime.barrier()
     model_bytes = artifact.stat().st_size
     final = score_artifact(rs, artifact, runtime, source, techniques=techniques, validation=(val_tokens, lut))

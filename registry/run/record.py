@@ -5,8 +5,9 @@ A finished run folder holds ``stack.yaml`` (the resolved stack), ``model.ptz`` (
 relative path), ``manifest.json`` and ``result.json`` (written last: its presence means success).
 
 ``manifest.json`` records the SHA-256 of the artifact, the resolved stack (without plugin paths:
-the plugins' code is recorded with the other code) and every counted code file
-(:mod:`.code`). :func:`verify_run_folder` compares a folder against it and names whatever changed.
+the plugins' code is recorded with the other code), every counted code file (:mod:`.code`), the
+tokenizer and every validation shard. :func:`verify_run_folder` and :func:`verify_data` compare a
+folder against it and name whatever changed.
 
 Results are written as strict JSON: a non-finite number is never written (:func:`dumps_json`), and
 a run whose score is not finite or has nothing to score is a failed run (:func:`check_result`).
@@ -19,7 +20,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import yaml
 from ..api.config import ResolvedStack
 from ..api.errors import PgolfError, RunFailed, os_error_text
 from .code import CodeCount
+from .dataset import file_sha256
 from .export import ARTIFACT_NAME, atomic_write
 
 STACK_FILE = "stack.yaml"
@@ -157,15 +159,17 @@ def write_stack(out_dir: Path, rs: ResolvedStack, code: CodeCount) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def data_record(tokenizer: Path, val: Sequence[Path]) -> dict[str, Any]:
+    """The scoring data as recorded: the tokenizer's and every validation shard's SHA-256."""
+    return {
+        "tokenizer": {"file": str(tokenizer), "sha256": file_sha256(tokenizer)},
+        "val": {Path(p).name: file_sha256(Path(p)) for p in val},
+    }
 
 
-def manifest(rs: ResolvedStack, code: CodeCount, artifact: Path) -> dict[str, Any]:
+def manifest(
+    rs: ResolvedStack, code: CodeCount, artifact: Path, tokenizer: Path, val: Sequence[Path]
+) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -180,11 +184,15 @@ def manifest(rs: ResolvedStack, code: CodeCount, artifact: Path) -> dict[str, An
             "sha256": code.sha256,
             "files": {f.name: f.sha256 for f in code.entries},
         },
+        "data": data_record(tokenizer, val),
     }
 
 
-def write_manifest(out_dir: Path, rs: ResolvedStack, code: CodeCount, artifact: Path) -> None:
-    write_json(out_dir / MANIFEST_FILE, manifest(rs, code, artifact))
+def write_manifest(
+    out_dir: Path, rs: ResolvedStack, code: CodeCount, artifact: Path, tokenizer: Path, val: Sequence[Path]
+) -> None:
+    """Write ``manifest.json`` (``tokenizer`` and ``val``: the data the run is scored on)."""
+    write_json(out_dir / MANIFEST_FILE, manifest(rs, code, artifact, tokenizer, val))
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -226,6 +234,29 @@ def stack_changes(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[s
         elif a[key] != b[key]:
             changes.append(f"{key}: {a[key]!r} → {b[key]!r}")
     return changes
+
+
+def verify_data(run_dir: Path, tokenizer: Path, val: Sequence[Path]) -> None:
+    """Refuse to re-score on a tokenizer or validation shards other than the run's (by SHA-256)."""
+    m = read_manifest(run_dir)
+    rec = m.get("data") if m is not None else None
+    if not isinstance(rec, Mapping):
+        return  # a folder written before the data were recorded
+    now = data_record(tokenizer, val)
+    changes = []
+    if (rec.get("tokenizer") or {}).get("sha256") != now["tokenizer"]["sha256"]:
+        changes.append(f"tokenizer {tokenizer} (was {(rec.get('tokenizer') or {}).get('file')})")
+    was = rec.get("val") or {}
+    changes += [
+        f"{name} changed" for name in sorted(was.keys() & now["val"].keys()) if was[name] != now["val"][name]
+    ]
+    changes += [f"{name} added" for name in sorted(now["val"].keys() - was.keys())]
+    changes += [f"{name} removed" for name in sorted(was.keys() - now["val"].keys())]
+    if changes:
+        raise RunFolderMismatch(
+            f"{run_dir}: the scoring data differ from the run's ({'; '.join(changes)}), so the score "
+            "would not be this run's; restore the data the run used"
+        )
 
 
 def verify_run_folder(

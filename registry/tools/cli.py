@@ -237,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..run.code import code_bytes
     from ..run.export import ARTIFACT_NAME, atomic_write
     from ..run.pipeline import prepare_data, score_artifact
-    from ..run.record import RESULT_FILE, check_result, verify_run_folder
+    from ..run.record import RESULT_FILE, check_result, verify_data, verify_run_folder
     from ..run.runtime import make_runtime
 
     run_dir = Path(args.dir)
@@ -253,6 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for note in verify_run_folder(run_dir, rs, code, allow_code_change=args.allow_code_change):
         err_console.print(f"[yellow]note:[/yellow] {escape(note)}")
     source = prepare_data(rs.stack)
+    verify_data(run_dir, source.tokenizer, source.val)
     runtime = make_runtime(rs.stack.train)
     res = score_artifact(rs, run_dir / ARTIFACT_NAME, runtime, source, want_nll=args.dump_nll is not None)
     check_result({"val_loss": res.val_loss, "val_bpb": res.val_bpb, "val_tokens": res.tokens,
