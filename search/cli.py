@@ -71,6 +71,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         console.print(summary["message"])
     _results(study_dir, quiet=args.quiet)
     trained, total = summary.get("trained"), summary.get("num_samples")
+    if trained == 0 and summary.get("ran"):  # every sample was invalid or could not fit: exit 2
+        raise PgolfError(
+            "no trial was trained: every sampled stack was invalid or over the size limit (see "
+            f"{study_dir / 'trials.jsonl'}); narrow the space or raise the limit"
+        )
     if summary.get("gave_up"):
         console.print(
             f"[yellow]stopped sampling after {loaded.spec.search.max_resample} rejected samples in a "

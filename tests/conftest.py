@@ -30,7 +30,7 @@ TINY: dict[str, Any] = {
         "warmup_steps": 1,
         "val_loss_every": 0,
         "train_log_every": 4,
-        "threads": 2,
+        "threads": 1,
     },
     "eval": {"batch_tokens": 4096},
 }

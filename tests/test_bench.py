@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import BASELINE, tiny_stack
+from conftest import BASELINE, REPO, tiny_stack
 from torch.autograd import DeviceType
 
 from pgolf.registry import PgolfError
@@ -51,16 +51,19 @@ def check_breakdown(b: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_bench_writes_a_results_file_with_every_figure(tmp_path: Path, cache_dir: Path) -> None:
+def test_bench_writes_a_results_file_with_every_figure(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     stack = tmp_path / "tiny.yaml"
     stack.write_text(yaml.safe_dump(tiny(cache_dir)))
-    out = tmp_path / "bench" / "results"
-    assert (
-        run_cli(
-            str(stack), "--steps", "2", "--profile-steps", "1", "--eval-tokens", "1024", "--out-dir", str(out)
-        )
-        == 0
-    )
+    monkeypatch.chdir(tmp_path)  # by default the results go into ./pgolf-bench, not the source tree
+    out = tmp_path / B.DEFAULT_OUT / "results"
+    argv = ["--steps", "2", "--profile-steps", "1", "--eval-tokens", "1024", "--quiet"]
+    assert run_cli(str(stack), *argv) == 0
+    printed, errors = capfd.readouterr()
+    assert "warm-up" not in printed and "tiny on CPU" in printed  # --quiet: the summary only
+    assert "USDT" not in errors and "profiler_start" not in errors and "STAGE" not in errors, errors
+    assert not (REPO / "bench" / "results").exists()
 
     files = list(out.glob("*.json"))
     assert len(files) == 1
@@ -117,7 +120,7 @@ def test_bench_writes_a_results_file_with_every_figure(tmp_path: Path, cache_dir
     assert b["detail"]["linked_backward_ops"] > 0  # backward nodes found their forward region
     assert r["techniques"]["rows"] == []
 
-    readme = (tmp_path / "bench" / "README.md").read_text()
+    readme = (tmp_path / B.DEFAULT_OUT / "README.md").read_text()
     assert "pgolf bench stacks/baseline_sp1024.yaml --techniques all" in readme
     row = next(line for line in readme.splitlines() if f"results/{files[0].name}" in line)
     assert "CPU" in row and "n/a (CPU)" in row
@@ -286,13 +289,12 @@ def test_readme_regenerates_deterministically_from_several_files(tmp_path: Path)
 
 
 def test_readme_only_and_argument_errors(tmp_path: Path) -> None:
-    out = tmp_path / "results"
-    assert run_cli("--readme-only", "--out-dir", str(out)) == 0
+    assert run_cli("--readme-only", "--out", str(tmp_path)) == 0
     assert "no results yet" in (tmp_path / "README.md").read_text()
     with pytest.raises(PgolfError, match="give a stack"):
-        run_cli("--out-dir", str(out))
+        run_cli("--out", str(tmp_path))
     with pytest.raises(PgolfError, match="--steps must be at least 1"):
-        run_cli(str(BASELINE), "--steps", "0", "--out-dir", str(out))
+        run_cli(str(BASELINE), "--steps", "0", "--out", str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------

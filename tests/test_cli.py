@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import REPO, SP1024, tiny_stack
 
@@ -30,6 +32,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, text_dataset: tuple[Path,
     root = tmp_path_factory.mktemp("tiny-run")
     stack = tiny_stack(data={"path": str(data_dir), "tokenizer": str(data_dir / "tokenizer.model")})
     stack["train"]["val_loss_every"] = 4
+    stack["train"]["threads"] = "auto"  # written into stack.yaml as the number it used
     f = write_stack(root / "tiny.yaml", stack)
     assert main(["run", str(f), "--out", str(root / "out"), "--quiet"]) == 0
     return root / "out"
@@ -65,6 +68,11 @@ def test_run_writes_the_result_with_the_challenge_accounting(
         and "==== parameter roles ====" in log
         and "final (from model.ptz" in log
     )
+    assert f"threads {torch.get_num_threads()} (auto: " in log  # the thread count and why
+    # the training curve: every report's train loss, and a PNG of it beside the periodic val_bpb
+    assert [p["step"] for p in r["train_history"]][:3] == [1, 2, 3] and r["train_history"][-1]["step"] == 8
+    png = (tiny_run / "training_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_eval_rescoring_the_saved_artifact_gives_the_same_score(
@@ -80,8 +88,24 @@ def test_eval_rescoring_the_saved_artifact_gives_the_same_score(
     assert float(nll.astype(np.float64).sum()) == pytest.approx(r["val_loss"] * r["val_tokens"], rel=1e-5)
 
 
-def test_resolved_stack_reruns(tiny_run: Path, tmp_path: Path) -> None:
-    assert main(["check", str(tiny_run / "stack.yaml"), "--no-estimate"]) == 0
+def test_resolved_stack_reruns_to_the_same_score_quietly(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = yaml.safe_load((tiny_run / "stack.yaml").read_text())["train"]
+    # every runtime setting is written as what the run used, not "auto"
+    assert isinstance(train["threads"], int) and train["threads"] >= 1
+    assert (train["device"], train["compile"], train["autocast"], train["attention"]) == (
+        "cpu",
+        "off",
+        "off",
+        "sdpa",
+    )
+    capsys.readouterr()
+    assert main(["run", str(tiny_run / "stack.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")  # --quiet: nothing at all on success
+    first, again = (json.loads((d / "result.json").read_text()) for d in (tiny_run, tmp_path / "again"))
+    assert again["val_bpb"] == first["val_bpb"] and again["val_loss"] == first["val_loss"]
+    assert yaml.safe_load((tmp_path / "again" / "stack.yaml").read_text())["train"] == train
 
 
 def test_all_five_first_techniques_run_end_to_end(cache_dir: Path, tmp_path: Path) -> None:
@@ -225,3 +249,170 @@ def test_the_console_script_prints_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "unknown technique 'xsaa' (did you mean 'xsa'?)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the first hour: what a new user meets ------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pgolf 0.1.0 (python ") and f"torch {torch.__version__}" in out
+
+
+def test_run_refuses_a_stack_estimated_over_the_limit(
+    chdir_tmp: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = write_stack(chdir_tmp / "s.yaml", tiny_stack(cache_dir, name="../escape/a b"))
+    over = ["--set", "export.artifact_limit=1000"]
+    assert main(["run", str(f), *over]) == 2
+    err = capsys.readouterr().err
+    assert "over the 1,000-byte limit" in err and "--allow-over-limit" in err and "nothing was trained" in err
+    assert not (chdir_tmp / "runs").exists() or not any((chdir_tmp / "runs").iterdir())
+    # allowed: it trains, says it does not fit, and its folder is a safe name inside runs/
+    assert main(["run", str(f), *over, "--allow-over-limit", "--quiet"]) == 0
+    [run_dir] = (chdir_tmp / "runs").iterdir()
+    assert run_dir.name.startswith("escape-a-b-") and not (chdir_tmp.parent / "escape").exists()
+    assert json.loads((run_dir / "result.json").read_text())["fits"] is False
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [("../escape", "escape"), ("a/b", "a-b"), ("..", "run"), ("/abs/x", "abs-x"), ("mine v2", "mine-v2"),
+     (".hidden", "hidden"), ("qs_1.5", "qs_1.5"), ("a\\b", "a-b"), ("x" * 300, "x" * 100)],
+)  # fmt: skip
+def test_safe_folder_names(name: str, folder: str) -> None:
+    from pgolf.registry.tools.cli import safe_name
+
+    assert safe_name(name) == folder
+
+
+def test_check_looks_at_the_data(
+    tmp_path: Path, text_dataset: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir, _ = text_dataset
+    ok = write_stack(tmp_path / "ok.yaml", tiny_stack(data={"path": str(data_dir),
+                                                            "tokenizer": str(data_dir / "tokenizer.model")}))  # fmt: skip
+    assert main(["check", str(ok), "--no-estimate"]) == 0
+    assert "1 train and 1 validation shard(s) checked" in capsys.readouterr().out
+    missing = write_stack(tmp_path / "m.yaml", tiny_stack(data={"path": str(tmp_path / "nowhere"),
+                                                                 "tokenizer": str(SP1024)}))  # fmt: skip
+    assert main(["check", str(missing), "--no-estimate"]) == 2
+    assert "data.path" in capsys.readouterr().err
+    sp4096 = SP1024.parent / "fineweb_4096_bpe.model"
+    wrong = write_stack(
+        tmp_path / "w.yaml", tiny_stack(data={"path": str(data_dir), "tokenizer": str(sp4096)})
+    )
+    assert main(["check", str(wrong), "--no-estimate"]) == 2
+    assert "4096 pieces but model.vocab_size is 1024" in capsys.readouterr().err
+
+
+def test_check_shows_progress_while_the_size_estimate_is_slow(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from pgolf.registry.run import pipeline
+    from pgolf.registry.tools import progress
+
+    real = pipeline.estimate_artifact_bytes
+
+    def slow(rs: Any, **kw: Any) -> Any:
+        time.sleep(0.3)
+        return real(rs, **kw)
+
+    monkeypatch.setattr(pipeline, "estimate_artifact_bytes", slow)
+    monkeypatch.setattr(progress, "TICKER_DELAY", 0.05)
+    assert main(["check", str(REPO / "stacks" / "quickstart.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "estimating the artifact size with the stack's export path … 0:00" in out
+    assert "estimating the artifact size with the stack's export path: done in" in out
+
+
+def test_readme_opening_stack_fits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """The front page's YAML, saved beside the stacks as a user would, passes `pgolf check`."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    f = tmp_path / "front.yaml"
+    f.write_text(block)
+    monkeypatch.chdir(REPO / "stacks")  # its base: is relative to the stacks folder
+    assert main(["check", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert ": fits" in out and "bigram_hash" in out
+
+
+def test_techniques_output_reads_like_yaml_and_never_splits_a_value() -> None:
+    def pgolf(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "pgolf.registry.tools.cli", *args], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    listing = pgolf("techniques")
+    row = next(line for line in listing.splitlines() if line.startswith("int8_rowwise"))
+    assert "clip_percentile=99.99984, keep_float_max_numel=65536, keep_float_dtype=fp16" in row
+    assert "layers=last(4)" in listing and "layers=all" in listing
+    xsa = pgolf("techniques", "xsa")
+    assert "  layers: last(4)  layers that get XSA; layers: all, none, last(N)" in xsa
+    assert "Validator" not in xsa and "Serializer" not in xsa and "<" not in xsa.split("params", 1)[1]
+    int8 = pgolf("techniques", "int8_rowwise")
+    assert "keep_float_dtype: fp16  dtype of small tensors; one of fp16, bf16, fp32" in int8
+    assert "clip_percentile: 99.99984  per-row clip percentile of |w|; > 50; <= 100" in int8
+
+
+def test_quickstart_is_capped_by_steps() -> None:
+    from pgolf.registry.api.config import load_stack
+
+    t = load_stack(REPO / "stacks" / "quickstart.yaml").stack.train
+    assert t.max_wallclock_seconds == 0 and t.iterations == 300  # the README's number needs both
+
+
+def test_data_build_errors_name_the_flags_and_leave_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": f"Document {i} is about cats and dogs."}) + "\n" for i in range(4))
+    )
+    out = tmp_path / "new" / "deeper" / "d"
+    base = ["data", "build", "--input", str(src), "--out", str(out)]
+    cases = [
+        (["--tokenizer", str(SP1024), "--val-docs", "9"], "lower --val-docs"),
+        (["--tokenizer", str(SP1024), "--val-docs", "0"], "--val-docs must be at least 1"),
+        (["--tokenizer", str(SP1024), "--val-docs", "1", "--shard-tokens", "0"], "--shard-tokens must be"),
+        (["--val-docs", "1"], "give exactly one of --tokenizer"),
+        (["--vocab-size", "30000", "--val-docs", "1"], "--vocab-size 30,000: this text supports only"),
+    ]
+    for extra, expected in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "val_docs" not in err and "shard_tokens" not in err, err
+        assert not (tmp_path / "new").exists()  # no empty folder left behind
+
+
+def test_search_with_nothing_trainable_exits_nonzero(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every sample was rejected (invalid or over the limit): nothing trained, so the exit status
+    is not 0. (Ray is not started: the harness's summary of such a study stands in for it.)"""
+    from pgolf.search import cli as search_cli
+    from pgolf.search import harness
+
+    search = {
+        "stack": tiny_stack(cache_dir),
+        "space": {"model.num_layers": {"int": [1, 2]}},
+        "constraint": {"artifact_bytes": 1000},
+        "trial": {"gpus": 0, "cpus": 1},
+        "search": {"num_samples": 2, "max_resample": 3, "scheduler": "fifo"},
+    }
+    f = write_stack(tmp_path / "search.yaml", search)
+    summary = {"ran": 2, "trained": 0, "gave_up": True, "num_samples": 2}
+    monkeypatch.setattr(harness, "run_search", lambda *a, **k: summary)
+    monkeypatch.setattr(search_cli, "_results", lambda *a, **k: 0)
+    assert main(["search", str(f), "--out", str(tmp_path / "study"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: no trial was trained")
+    summary["trained"] = 1  # one trial trained: a normal end
+    assert main(["search", str(f), "--out", str(tmp_path / "study2"), "--quiet"]) == 0

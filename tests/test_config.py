@@ -72,12 +72,57 @@ def test_a_technique_set_to_null_is_removed(tmp_path: Path) -> None:
     assert load_stack(child, ["techniques.ema=null"]).technique_names() == ["int8_rowwise", "zlib"]
 
 
-def test_only_one_level_of_inheritance(tmp_path: Path) -> None:
-    write(tmp_path / "a.yaml", "seed: 1\n")
-    write(tmp_path / "b.yaml", "base: a.yaml\n")
-    c = write(tmp_path / "c.yaml", "base: b.yaml\n")
-    with pytest.raises(ConfigError, match="only one level of inheritance"):
-        load_stack(c)
+def test_base_chains_of_any_depth(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    write(
+        tmp_path / "a.yaml",
+        "seed: 1\nmodel: {num_layers: 3, model_dim: 64}\ntechniques: {ema: {decay: 0.9}}\n",
+    )
+    write(tmp_path / "sub" / "b.yaml", "base: ../a.yaml\nmodel: {num_layers: 4}\ntechniques: {xsa: {}}\n")
+    c = write(tmp_path / "c.yaml", "base: sub/b.yaml\nseed: 3\ntechniques: {ema: {decay: 0.95}}\n")
+    rs = load_stack(c)
+    assert (rs.stack.seed, rs.stack.model.num_layers, rs.stack.model.model_dim) == (3, 4, 64)
+    techs = {r.name: r.params for r in rs.techniques}
+    assert "xsa" in techs and techs["ema"].decay == 0.95  # type: ignore[attr-defined]
+    # the README's example: a stack on top of quickstart, which has a base of its own
+    q = write(tmp_path / "q.yaml", f"base: {REPO / 'stacks' / 'quickstart.yaml'}\nmodel: {{num_layers: 2}}\n")
+    qs = load_stack(q).stack
+    assert (qs.model.num_layers, qs.model.model_dim, qs.train.train_seq_len) == (2, 128, 256)
+
+
+def test_base_cycles_are_named(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: c.yaml\n")
+    write(tmp_path / "c.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: a\.yaml → b\.yaml → c\.yaml → a\.yaml"):
+        load_stack(tmp_path / "a.yaml")
+    me = write(tmp_path / "me.yaml", "base: me.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: me\.yaml → me\.yaml"):
+        load_stack(me)
+
+
+@pytest.mark.parametrize(
+    ("text", "compile_", "autocast"),
+    [("compile: off\n  autocast: off", "off", "off"), ("compile: on\n  autocast: on", "on", "bf16"),
+     ("compile: no\n  autocast: yes", "off", "bf16"), ("compile: false\n  autocast: true", "off", "bf16"),
+     ("compile: 'off'\n  autocast: bf16", "off", "bf16")],
+)  # fmt: skip
+def test_yaml_booleans_switch_compile_and_autocast(
+    tmp_path: Path, text: str, compile_: str, autocast: str
+) -> None:
+    f = write(tmp_path / "s.yaml", f"train:\n  {text}\n")
+    t = load_stack(f).stack.train
+    assert (t.compile, t.autocast) == (compile_, autocast)
+    assert load_stack(f, ["train.compile=off"]).stack.train.compile == "off"
+
+
+def test_threads_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        stack_from_dict({"train": {"threads": 0}})
+    assert (
+        list(problems_of(e)) == ["train.threads"]
+        and "'auto' or a whole number" in problems_of(e)["train.threads"]
+    )
 
 
 def test_every_problem_is_reported_at_once_with_key_paths(tmp_path: Path) -> None:

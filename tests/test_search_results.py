@@ -168,7 +168,7 @@ def test_csv_png_and_best_yaml(study_dir: Path, tmp_path: Path) -> None:
     assert text.startswith("# Best stack of study synthetic") and "t0001" in text
     rs = load_stack(written.best_yaml)  # what `pgolf run` does first
     assert rs.stack.model.num_layers == 3 and "ema" in rs.technique_names()
-    assert rs.stack.train.threads is None  # the trial's cpus are not baked into the best stack
+    assert rs.stack.train.threads == "auto"  # the trial's cpus are not baked into the best stack
     assert rs.stack.export.artifact_limit == LIMIT
 
 

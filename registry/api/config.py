@@ -1,4 +1,4 @@
-"""Stacks: the YAML schema, one-level ``base:`` inheritance, ``--set`` overrides, validation.
+"""Stacks: the YAML schema, ``base:`` inheritance (chains of any depth), ``--set`` overrides, validation.
 
 Config flows one way: YAML → :class:`Stack` (validated) → code. Every problem in a file is
 collected and raised together as one :class:`ConfigError` that names each key path.
@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, PgolfError, did_you_mean
 from .selectors import LayerSelector
@@ -94,7 +102,26 @@ class TrainConfig(_Section):
     attention: Literal["auto", "sdpa", "flash"] = Field(
         "auto", description="auto = flash-attn on CUDA if installed"
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | Literal["auto"] = Field(
+        "auto", description="torch CPU threads; auto = the cores no other process is using (at least 1)"
+    )
+
+    @field_validator("compile", "autocast", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v: Any, info: ValidationInfo) -> Any:
+        """YAML reads on/off/yes/no/true/false as booleans: map them back to the switch's words."""
+        if isinstance(v, bool):
+            return ("on" if info.field_name == "compile" else "bf16") if v else "off"
+        return v
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        if v is None or v == "auto":  # stacks written before "auto" existed say null
+            return "auto"
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            return v
+        raise ValueError("expected 'auto' or a whole number of threads >= 1")
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
@@ -312,8 +339,12 @@ def _merge_stack(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict[st
     return merged
 
 
-def _inherit(data: dict[str, Any], here: Path, source: str) -> dict[str, Any]:
-    """Merge the ``base:`` parent (one level only) under ``data``."""
+MAX_BASE_DEPTH = 32
+
+
+def _inherit(data: dict[str, Any], here: Path, source: str, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Merge the ``base:`` parent under ``data``; the parent may have a base of its own, to any
+    depth. ``chain``: the files already on the way down (a repeat is a cycle, named in full)."""
     base = data.pop("base", None)
     if base is None:
         return data
@@ -330,21 +361,23 @@ def _inherit(data: dict[str, Any], here: Path, source: str) -> dict[str, Any]:
             ],
             source,
         )
+    if bpath in chain:
+        cycle = " → ".join(p.name for p in (*chain[chain.index(bpath) :], bpath))
+        raise ConfigError([("base", f"stacks inherit from each other in a cycle: {cycle}")], source)
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise ConfigError([("base", f"more than {MAX_BASE_DEPTH} levels of base: stacks")], source)
     parent = read_yaml(bpath)
-    if "base" in parent:
-        raise ConfigError(
-            [("base", f"{base!r} has a base of its own; only one level of inheritance is allowed")], source
-        )
     plugins = parent.get("plugins")
     if isinstance(plugins, list):  # the parent's plugin paths are relative to the parent
         parent["plugins"] = [str(_abs_plugin(str(x), bpath.parent)) for x in plugins]
+    parent = _inherit(parent, bpath.parent, str(bpath), (*chain, bpath))
     return _merge_stack(parent, data)
 
 
 def compose(path: str | Path, overrides: Iterable[str] = ()) -> tuple[dict[str, Any], Path]:
     """Read a stack file, merge its ``base:`` parent and apply ``--set`` overrides."""
     p = Path(path)
-    data = _inherit(read_yaml(p), p.parent, str(p))
+    data = _inherit(read_yaml(p), p.parent, str(p), (p.resolve(),) if p.is_file() else ())
     for text in overrides:
         parts, value = parse_override(text)
         if parts[0] == "techniques" and len(parts) == 2 and value is None:

@@ -19,11 +19,12 @@ from rich.console import Console
 from torch import nn
 
 from ..api.config import ResolvedStack, Stack
-from ..api.errors import DataError
+from ..api.errors import DataError, PgolfError
 from ..api.roles import Role, format_role_table, role_table, set_role
 from ..api.technique import Technique
 from ..tools import corpus
-from ..tools.progress import LiveProgress, RunLog
+from ..tools.plots import CURVE_FILE, plot_training_curve
+from ..tools.progress import LiveProgress, RunLog, Ticker, slowdown_hint
 from . import bpb, data
 from .code import code_bytes
 from .dataset import check_dataset
@@ -37,7 +38,7 @@ from .export import (
 )
 from .model import GPT, attention_kernel, build_model, count_params
 from .record import check_result, write_json, write_manifest, write_stack
-from .runtime import DistEnv, Runtime, make_runtime, seed_everything, shutdown, versions
+from .runtime import DistEnv, Runtime, make_runtime, pin_runtime, seed_everything, shutdown, versions
 from .train import Trainer, grad_accum_steps
 
 Reporter = Callable[[Mapping[str, Any]], None]
@@ -89,6 +90,7 @@ class RunResult:
     pre_quant_val_loss: float | None = None
     pre_quant_val_bpb: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    train_history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +115,24 @@ class SizeEstimate:
     @property
     def fits(self) -> bool:
         return self.total <= self.limit
+
+
+class OverLimitError(PgolfError):
+    """A stack whose estimated artifact does not fit, refused before training."""
+
+    def __init__(self, est: SizeEstimate | None):
+        what = "the estimated artifact is over export.artifact_limit"
+        if est is not None:
+            what = (
+                f"the estimated artifact is {est.total:,} bytes ({est.model_bytes:,} model + "
+                f"{est.code_bytes:,} code), {est.total - est.limit:,} over the {est.limit:,}-byte limit "
+                "(export.artifact_limit)"
+            )
+        super().__init__(
+            f"{what}; nothing was trained. Shrink the stack (`pgolf check` prints the estimate) or "
+            "pass --allow-over-limit to train it anyway (the estimate stands in random weights for "
+            "trained ones)"
+        )
 
 
 def prepare_data(stack: Stack) -> DataSource:
@@ -220,15 +240,18 @@ def run(
     console: Console | None = None,
     estimate: bool = True,
     source: DataSource | None = None,
+    allow_over_limit: bool = False,
 ) -> RunResult:
     """Train, export, reload and score a stack; writes run.log, stack.yaml, the artifact and
     result.json into ``out_dir`` (which must exist). ``source``: the data as already checked
-    by :func:`prepare_data`."""
+    by :func:`prepare_data`. With ``estimate``, a stack whose estimated artifact is over the
+    limit is refused before training (:class:`OverLimitError`) unless ``allow_over_limit``."""
     stack = rs.stack
     source = source or prepare_data(stack)
     runtime = make_runtime(stack.train, env)
+    rs = pin_runtime(rs, runtime)  # the stack.yaml it writes reruns with the same settings
     try:
-        return _run(rs, out_dir, runtime, source, report, console, estimate)
+        return _run(rs, out_dir, runtime, source, report, console, estimate, allow_over_limit)
     finally:
         shutdown(runtime)
 
@@ -241,12 +264,18 @@ def _run(
     report: Reporter | None,
     console: Console | None,
     estimate: bool,
+    allow_over_limit: bool = False,
 ) -> RunResult:
     stack = rs.stack
     main = runtime.is_main
     accum = grad_accum_steps(stack, runtime.world_size)
     log = RunLog(out_dir / "run.log" if main else None, console if main else None)
-    est = estimate_artifact_bytes(rs) if estimate and main else None
+    est = None
+    if estimate and main:
+        with Ticker(console, "estimating the artifact size with the stack's export path"):
+            est = estimate_artifact_bytes(rs)
+    if runtime.any_rank(est is not None and not est.fits) and not allow_over_limit:
+        raise OverLimitError(est)
     seed_everything(stack.seed)
     techniques = [r.instantiate(rs.spec) for r in rs.techniques]
     model = build(rs, techniques, runtime.device, runtime.attention)
@@ -264,7 +293,7 @@ def _run(
     log(
         f"model: {n_params:,} parameters; device {vers['device']} × {runtime.world_size}; "
         f"grad accumulation {accum}; compile {'on' if runtime.compile else 'off'}; "
-        f"autocast {runtime.autocast_dtype or 'off'}"
+        f"autocast {runtime.autocast_dtype or 'off'}; threads {runtime.threads} ({runtime.threads_note})"
     )
     if est is not None:
         log(
@@ -291,7 +320,12 @@ def _run(
     )
     trainer = Trainer(model, techniques, stack, runtime, loader)
     with LiveProgress(
-        console if main else None, stack.train.iterations, stack.train.max_wallclock_seconds
+        console if main else None,
+        stack.train.iterations,
+        stack.train.max_wallclock_seconds,
+        log=log if main else None,
+        tokens_per_step=stack.train.train_batch_tokens,
+        slow_hint=slowdown_hint(runtime.device.type, runtime.threads),
     ) as bar:
         tres = trainer.run(validate=validate, on_progress=bar.update, log=log)
     log(
@@ -305,11 +339,17 @@ def _run(
 
     artifact = out_dir / ARTIFACT_NAME
     if main:
-        write_artifact(artifact, model, techniques)
+        with Ticker(console, "exporting the artifact (quantize, pack, compress)"):
+            write_artifact(artifact, model, techniques)
         write_manifest(out_dir, rs, code, artifact, source.tokenizer, source.val)
     runtime.barrier()
     model_bytes = artifact.stat().st_size
-    final = score_artifact(rs, artifact, runtime, source, techniques=techniques, validation=(val_tokens, lut))
+    with Ticker(
+        console if main else None, f"scoring the reloaded artifact on {val_tokens.numel() - 1:,} tokens"
+    ):
+        final = score_artifact(
+            rs, artifact, runtime, source, techniques=techniques, validation=(val_tokens, lut)
+        )
     total = model_bytes + code.bytes
     result = RunResult(
         val_loss=final.val_loss,
@@ -341,6 +381,7 @@ def _run(
         pre_quant_val_loss=pre.val_loss if pre else None,
         pre_quant_val_bpb=pre.val_bpb if pre else None,
         history=tres.history,
+        train_history=bar.points,
     )
     check_result(result.to_dict())  # a non-finite or empty score is a failed run, never a result
     log(
@@ -354,6 +395,13 @@ def _run(
     )
     if main:
         write_json(out_dir / "result.json", result.to_dict())
+        plot_training_curve(
+            out_dir / CURVE_FILE,
+            result.train_history,
+            result.history,
+            title=f"{stack.name or rs.source}: {result.steps} steps, val_bpb {result.val_bpb:.4f}",
+            final={"steps": result.steps, "train_seconds": result.train_seconds, "val_bpb": result.val_bpb},
+        )
     if report is not None:
         report({**result.to_dict(), "step": tres.steps, "final": True})
     log.close()

@@ -7,16 +7,21 @@ The CLI reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and passes a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import os
 import platform
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..api.config import TrainConfig
+from ..api.config import ResolvedStack, TrainConfig
 from ..api.errors import PgolfError
 
 
@@ -36,6 +41,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    threads: int = 1
+    threads_note: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -76,6 +83,94 @@ class Runtime:
         return bool(t.item())
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity set, capped by a cgroup CPU quota
+    (containers started with ``--cpus``), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """Cores allowed by the cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us``) quota, or None."""
+    try:
+        fields = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _cpu_times() -> dict[str, tuple[int, int]] | None:
+    """(busy, total) jiffies per CPU from /proc/stat (Linux), or None."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    out: dict[str, tuple[int, int]] = {}
+    for line in lines:
+        name, *vals = line.split()
+        if name.startswith("cpu") and name != "cpu" and len(vals) >= 5:
+            v = [int(x) for x in vals[:8]]
+            idle = v[3] + v[4]  # idle + iowait
+            out[name] = (sum(v) - idle, sum(v))
+    return out
+
+
+def busy_cores(window: float = 0.15) -> float | None:
+    """How many of this process's CPU cores other work keeps busy, sampled over ``window``
+    seconds from /proc/stat while this process sleeps; None where that cannot be read."""
+    try:
+        mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except AttributeError:
+        return None
+    a = _cpu_times()
+    if not a:
+        return None
+    time.sleep(window)
+    b = _cpu_times()
+    if not b:
+        return None
+    busy = 0.0
+    for cpu in mine & a.keys() & b.keys():
+        d_busy, d_total = b[cpu][0] - a[cpu][0], b[cpu][1] - a[cpu][1]
+        if d_total > 0:
+            busy += min(1.0, max(0.0, d_busy / d_total))
+    return busy
+
+
+def auto_threads(world_size: int = 1) -> tuple[int, str]:
+    """The CPU thread count for ``train.threads: auto`` and why.
+
+    Never more threads than free cores: torch's default (one thread per core) collapses when
+    another process holds a core, because every parallel region then waits for a descheduled
+    thread (measured in ``bench/quickstart_threads.py``). Free = usable cores (affinity and cgroup
+    quota) minus the cores other processes keep busy right now, shared between the processes
+    of a multi-process run; at least 1.
+    """
+    cores = usable_cores()
+    share = max(1, cores // max(1, world_size))
+    if world_size > 1:  # the other ranks start at the same moment: their load is ours
+        return share, f"auto: {cores} usable core(s) / {world_size} processes"
+    busy = busy_cores()
+    if busy is None:
+        return share, f"auto: {cores} usable core(s)"
+    free = max(1, min(share, math.floor(cores - busy + 0.5)))
+    return free, f"auto: {cores} usable core(s), {busy:.1f} busy with other processes"
+
+
 def make_runtime(train: TrainConfig, env: DistEnv | None = None) -> Runtime:
     env = env or DistEnv()
     want = train.device
@@ -89,8 +184,11 @@ def make_runtime(train: TrainConfig, env: DistEnv | None = None) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if train.threads:
-        torch.set_num_threads(train.threads)
+    if train.threads == "auto":
+        threads, note = auto_threads(env.world_size)
+    else:
+        threads, note = train.threads, "set by train.threads"
+    torch.set_num_threads(threads)
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
@@ -102,15 +200,40 @@ def make_runtime(train: TrainConfig, env: DistEnv | None = None) -> Runtime:
         train.autocast
     ]
     compile_on = {"auto": use_cuda, "on": True, "off": False}[train.compile]
+    attention = train.attention
+    if attention == "auto":
+        from .model import flash_attention_function
+
+        attention = "flash" if use_cuda and flash_attention_function() is not None else "sdpa"
     return Runtime(
         device=device,
         autocast_dtype=autocast,
         compile=compile_on,
-        attention=train.attention,
+        attention=attention,
         rank=env.rank,
         world_size=env.world_size,
         local_rank=env.local_rank,
+        threads=threads,
+        threads_note=note,
     )
+
+
+def runtime_settings(runtime: Runtime) -> dict[str, Any]:
+    """The ``train`` keys that pick the runtime, as this runtime resolved them (no ``auto``)."""
+    return {
+        "device": runtime.device.type,
+        "compile": "on" if runtime.compile else "off",
+        "autocast": "bf16" if runtime.autocast_dtype is not None else "off",
+        "attention": runtime.attention,
+        "threads": runtime.threads,
+    }
+
+
+def pin_runtime(rs: ResolvedStack, runtime: Runtime) -> ResolvedStack:
+    """``rs`` with every ``auto`` runtime setting replaced by what ``runtime`` uses, so the
+    stack a run writes reruns the same way on the same kind of machine."""
+    train = rs.stack.train.model_copy(update=runtime_settings(runtime))
+    return dataclasses.replace(rs, stack=rs.stack.model_copy(update={"train": train}))
 
 
 def shutdown(runtime: Runtime) -> None:

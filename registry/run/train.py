@@ -204,7 +204,7 @@ class Trainer:
         history: list[dict[str, float]] = []
         clock = Stopwatch(rt.synchronize)
         step, loss, mult, stopped_by = 0, torch.full((), float("nan")), 1.0, "iterations"
-        stop = False
+        stop, reported = False, 0.0
         clock.start()
         while True:
             if (
@@ -228,9 +228,16 @@ class Trainer:
             step += 1
             call_hooks(self.techniques, "on_step_end", model=self.model, step=step)
             elapsed = clock.elapsed()
-            # the live display updates ten times per log interval (one loss sync each time)
-            if step % max(1, cfg.train_log_every // 10) == 0 or step == cfg.iterations or step <= 10:
+            # the live display updates ten times per log interval and at least every second of
+            # training (one loss sync each time)
+            if (
+                step % max(1, cfg.train_log_every // 10) == 0
+                or step == cfg.iterations
+                or step <= 10
+                or elapsed - reported >= 1.0
+            ):
                 self._report(step, loss, mult, elapsed, on_progress, log)
+                reported = elapsed
             if cfg.max_wallclock_seconds > 0 and rt.any_rank(elapsed >= cfg.max_wallclock_seconds):
                 stop, stopped_by = True, "wallclock"
         clock.stop()

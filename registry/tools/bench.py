@@ -20,9 +20,10 @@ runtime, the model and the :class:`~pgolf.registry.train.Trainer` with the same 
 * with ``--techniques``, the cost of each technique: the same stack with that one technique
   added (default params), tokens/s with and without it.
 
-Every figure goes into ``bench/results/<date>-<device>-<stack>.json`` and
-``bench/README.md`` is regenerated from all the results files. This module is tooling: it is not
-part of a stack's counted code.
+Every figure goes into ``OUT/results/<date>-<device>-<stack>.json`` and ``OUT/README.md`` is
+regenerated from all the results files there (``--out OUT``, default ``pgolf-bench`` in the current
+folder; the repository's own table is ``--out bench``). The profiler's native log lines are kept
+off the console. This module is tooling: it is not part of a stack's counted code.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ..api.technique import REGISTRY, Technique, call_hooks
 from ..run.model import MLP, Attention, count_params, model_flops_per_token
 
 SCHEMA = "pgolf-bench/1"
+DEFAULT_OUT = "pgolf-bench"
 REFERENCE_TOKENS_PER_SECOND = 1_505_000.0
 """The challenge baseline: 524,288 tokens per 43.54 ms step on 8×H100 SXM = 1.505 M tokens/s per GPU."""
 TARGET_TOKENS_PER_SECOND = 2_000_000.0
@@ -437,7 +439,7 @@ def profile_steps(runner: _StepRunner, runtime: Any, n: int, *, modules: bool, e
             runner()
             runtime.synchronize()
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with profile(activities=activities) as prof:
+            with native_noise_filtered(), profile(activities=activities) as prof:
                 for _ in range(n):
                     with record_function(STEP_RANGE):
                         runner()
@@ -445,6 +447,38 @@ def profile_steps(runner: _StepRunner, runtime: Any, n: int, *, modules: bool, e
     finally:
         trainer.wrapped = saved
     return breakdown_from_events(list(prof.events()), device="cuda" if cuda else "cpu")
+
+
+PROFILER_NOISE = re.compile(r"^(STAGE|USDT|WARNING|INFO|ERROR):?\S* .*\.(cpp|h):\d+\]")
+"""Kineto's native log lines (``USDT:... SyncActivityProfilerHandler.cpp:52] profiler_start``), which
+it writes to file descriptor 2 whatever KINETO_LOG_LEVEL says."""
+
+
+@contextlib.contextmanager
+def native_noise_filtered() -> Iterator[None]:
+    """Capture file descriptor 2 (where native code writes) for the block, then pass on every line
+    except the profiler's own log lines (:data:`PROFILER_NOISE`)."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [
+                line
+                for line in tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+                if not PROFILER_NOISE.match(line)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def _probe_inputs(
@@ -1094,11 +1128,13 @@ pgolf bench stacks/baseline_sp1024.yaml --techniques all
 This runs the stack's compile warm-up, times 20 real optimizer steps at the stack's global batch
 (gradient accumulation on one GPU), profiles the step, evaluates 2 M validation tokens, times
 the export, then repeats the timing with every registered technique added alone. It writes
-`bench/results/<date>-<device>-<stack>.json` (device, torch/CUDA versions, the command, the
-resolved stack and every figure) and regenerates the tables below from all results files.
-Options: `--set KEY=VALUE`, `--steps N`, `--warmup N`, `--techniques all|none|a,b`,
-`--no-profile`, `--eval-tokens N`, `--out-dir DIR`; `pgolf bench --readme-only` only rebuilds
-this page. CPU results are allowed but are labelled CPU and never compared with the H100 reference.
+`OUT/results/<date>-<device>-<stack>.json` (device, torch/CUDA versions, the command, the
+resolved stack and every figure) and regenerates the tables in `OUT/README.md` from all results
+files there; `--out` defaults to `pgolf-bench` in the current folder (this page is `--out bench`
+from the repository root). Options: `--set KEY=VALUE`, `--steps N`, `--warmup N`,
+`--techniques all|none|a,b`, `--no-profile`, `--eval-tokens N`, `--out DIR`, `--quiet`;
+`pgolf bench --readme-only` only rebuilds the README. CPU results are allowed but are labelled
+CPU and never compared with the H100 reference.
 
 Columns: tokens/s = `train_batch_tokens` / mean step time; *vs 1.505 M* and *vs 2.0 M* = ratio to
 the reference and the target (GPU rows only); MFU against the dense bf16 peak of the device
@@ -1253,7 +1289,7 @@ def add_command(subparsers: Any) -> None:
         "bench",
         help="measure a stack's training tokens/s, MFU, memory, eval and export time on one device",
         description="Time a stack on one device after its compile warm-up and write "
-        "bench/results/<date>-<device>-<stack>.json; regenerate bench/README.md.",
+        "OUT/results/<date>-<device>-<stack>.json; regenerate the tables in OUT/README.md.",
     )
     p.add_argument("stack", nargs="?", help="stack YAML file")
     add_set_argument(p)
@@ -1286,9 +1322,16 @@ def add_command(subparsers: Any) -> None:
         default=BenchOptions.eval_tokens,
         help="validation tokens to evaluate (default 2,097,152; 0 skips)",
     )
-    p.add_argument("--out-dir", default="bench/results", help="results folder (default bench/results)")
-    p.add_argument("--readme", default=None, help="README to regenerate (default: OUT_DIR/../README.md)")
-    p.add_argument("--readme-only", action="store_true", help="only regenerate the README from the results")
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"folder for results/*.json and the README.md table (default ./{DEFAULT_OUT})",
+    )
+    p.add_argument(
+        "--readme-only", action="store_true", help="only regenerate OUT/README.md from OUT/results"
+    )
+    p.add_argument("--quiet", action="store_true", help="print only the summary and where it was written")
     p.set_defaults(func=cmd_bench)
 
 
@@ -1299,8 +1342,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .cli import check_writable
 
     console = Console(highlight=False, soft_wrap=True)
-    out_dir = Path(args.out_dir)
-    readme = Path(args.readme) if args.readme else out_dir.parent / "README.md"
+    out_dir = Path(args.out) / "results"
+    readme = Path(args.out) / "README.md"
     if args.readme_only:
         check_writable(readme, "--readme")
         regenerate_readme(out_dir, readme)
@@ -1333,7 +1376,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv = getattr(args, "argv", None)
     command = "pgolf " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = bench(
-        rs, opts, techniques=args.techniques, command=command, log=lambda s: console.print(s, markup=False)
+        rs,
+        opts,
+        techniques=args.techniques,
+        command=command,
+        log=(lambda s: None) if args.quiet else (lambda s: console.print(s, markup=False)),
     )
     console.print(summary(result), markup=False)  # shown even if it cannot be saved below
     try:

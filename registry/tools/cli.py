@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,17 +84,34 @@ def _relaunch(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def safe_name(name: str, fallback: str = "run") -> str:
+    """``name`` as one safe folder name: letters, digits, ``_``, ``.`` and ``-`` only (anything
+    else, ``/`` and ``..`` included, becomes ``-``), no leading dot, at most 100 characters."""
+    cleaned = re.sub(r"[^\w.-]+", "-", name).strip(".-")
+    cleaned = re.sub(r"\.{2,}", ".", cleaned)[:100].strip(".-")
+    return cleaned or fallback
+
+
 def _default_out(name: str) -> Path:
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{safe_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-RUN_FILES = ("run.log", "stack.yaml", "plugins", "model.ptz", "manifest.json", "result.json")
+RUN_FILES = (
+    "run.log",
+    "stack.yaml",
+    "plugins",
+    "model.ptz",
+    "manifest.json",
+    "result.json",
+    "training_curve.png",
+)
 """What a finished run folder holds, in the order a run writes it."""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..api.config import load_stack
     from ..run.pipeline import prepare_data, run
+    from .progress import Ticker
 
     env = _dist_env()
     rs = load_stack(args.stack, args.set)
@@ -114,7 +132,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = None
     if main:
         check_writable(out, "--out", folder=True)  # before the data are prepared (minutes, maybe)
-        source = prepare_data(rs.stack)  # data problems surface before any folder is created
+        with Ticker(
+            None if args.quiet else console, "checking the data (a first run builds the default corpus)"
+        ):
+            source = prepare_data(rs.stack)  # data problems surface before any folder is created
         if staging.exists():
             raise PgolfError(
                 f"{str(staging)!r} exists: another run is writing {str(out)!r}, or one was "
@@ -134,6 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             console=None if args.quiet else console,
             estimate=not args.no_estimate,
             source=source,
+            allow_over_limit=args.allow_over_limit,
         )
     except BaseException as e:
         if not main or not staging.exists():
@@ -155,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"the run finished but its folder could not be moved into place ({os_error_text(e)}); "
                 f"everything it wrote is in {staging}"
             ) from None
+    if main and not args.quiet:
         console.print(
             f"[bold]val_bpb {result.val_bpb:.6f}[/bold]  val_loss {result.val_loss:.6f}  "
             f"artifact {result.artifact_bytes:,} bytes ({'fits' if result.fits else 'does NOT fit'})"
@@ -194,6 +217,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..run.code import code_bytes
     from ..run.model import count_params
     from ..run.pipeline import build, estimate_artifact_bytes, prepare_data
+    from .progress import Ticker
 
     rs = load_stack(args.stack, args.set)
     console.print("[bold]resolved stack[/bold]")
@@ -210,14 +234,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
     console.print(f"[bold]counted code[/bold] {code.bytes:,} bytes in {len(code.files)} files")
     if not args.no_data:  # shards, id ranges and tokenizer, as `pgolf run` checks them
-        source = prepare_data(rs.stack)
+        with Ticker(console, "checking the data (a first run builds the default corpus)"):
+            source = prepare_data(rs.stack)
         console.print(
             f"[bold]data[/bold] {escape(source.description)}: {len(source.train)} train and "
             f"{len(source.val)} validation shard(s) checked against the tokenizer"
         )
     if args.no_estimate:
         return 0
-    est = estimate_artifact_bytes(rs)
+    with Ticker(console, "estimating the artifact size with the stack's export path"):
+        est = estimate_artifact_bytes(rs)
     verdict = "fits" if est.fits else "does NOT fit"
     console.print(
         f"[bold]estimated artifact[/bold] {est.total:,} bytes = {est.model_bytes:,} model + "
@@ -325,22 +351,70 @@ def cmd_techniques(args: argparse.Namespace) -> int:
     if args.name:
         return _describe_technique(args.name)
     table = Table(show_lines=False, box=None, pad_edge=False)
-    for col in ("technique", "summary", "hooks", "params"):
-        table.add_column(col, overflow="fold")
+    table.add_column("technique", no_wrap=True)
+    table.add_column("summary", overflow="fold", ratio=1)
+    table.add_column("hooks", no_wrap=True)
+    table.add_column("params", no_wrap=True)  # one per line, never cut inside a value
+    # on a terminal one param per line; piped or redirected, one line per technique, never wrapped
+    sep = "\n" if console.is_terminal else ", "
     for name in REGISTRY.names():
         cls = REGISTRY.get(name)
-        params = ", ".join(f"{k}={_fmt_default(f.default)}" for k, f in cls.Params.model_fields.items())
-        table.add_row(name, cls.summary(), ", ".join(cls.hooks), params)
-    console.print(table)
+        params = sep.join(f"{k}={default}" for k, default, _ in param_docs(cls.Params))
+        table.add_row(name, cls.summary(), sep.join(cls.hooks), params or "-")
+    out = console if console.is_terminal else Console(highlight=False, width=10_000)
+    out.print(table, crop=False)
     for name, err in REGISTRY.broken().items():
         err_console.print(f"[yellow]broken plugin {name}:[/yellow] {err}")
     return 0
 
 
-def _fmt_default(v: Any) -> str:
+def yaml_value(v: Any) -> str:
+    """A parameter value as it is written in a stack's YAML (``last(4)``, ``fp16``, ``[7, 8]``)."""
+    import yaml
+
     from ..api.selectors import LayerSelector
 
-    return str(v.dump()) if isinstance(v, LayerSelector) else repr(v)
+    if isinstance(v, LayerSelector):
+        v = v.dump()
+    if isinstance(v, tuple):
+        v = list(v)
+    try:
+        text = yaml.safe_dump(v, default_flow_style=True, width=10_000)
+    except yaml.YAMLError:
+        return str(v)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def param_docs(params: type[Any]) -> list[tuple[str, str, str]]:
+    """(name, default in YAML form, what values it takes) for each field of a params model:
+    numeric bounds (``>= 2, <= 1048576``), the choices of a ``Literal``, the layer-selector forms."""
+    import typing
+
+    import annotated_types as at
+    from pydantic_core import PydanticUndefined
+
+    from ..api.selectors import LayerSelector
+
+    ops = ((at.Gt, "gt", ">"), (at.Ge, "ge", ">="), (at.Lt, "lt", "<"), (at.Le, "le", "<="),
+           (at.MultipleOf, "multiple_of", "multiple of"), (at.MinLen, "min_length", "length >="),
+           (at.MaxLen, "max_length", "length <="))  # fmt: skip
+    out = []
+    for name, f in params.model_fields.items():
+        if f.default is PydanticUndefined and f.default_factory is None:
+            default = "(required)"
+        else:
+            default = yaml_value(f.get_default(call_default_factory=True))
+        allowed = []
+        if typing.get_origin(f.annotation) is typing.Literal:
+            allowed.append("one of " + ", ".join(yaml_value(c) for c in typing.get_args(f.annotation)))
+        if f.annotation is LayerSelector:
+            allowed.append("layers: all, none, last(N), first(N), every(N) or a list like [7, 8]")
+        for m in f.metadata:
+            for kind, attr, sym in ops:
+                if isinstance(m, kind):
+                    allowed.append(f"{sym} {yaml_value(getattr(m, attr))}")
+        out.append((name, default, "; ".join(allowed)))
+    return out
 
 
 def _describe_technique(name: str) -> int:
@@ -354,11 +428,10 @@ def _describe_technique(name: str) -> int:
     doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
     console.print(doc, markup=False)
     console.print("\n[bold]params[/bold]")
-    for k, f in cls.Params.model_fields.items():
-        rng = " ".join(
-            f"{type(m).__name__.lower()}={getattr(m, type(m).__name__.lower(), m)}" for m in f.metadata
-        )
-        console.print(f"  {k}: {_fmt_default(f.default)}  [dim]{f.description or ''} {rng}[/dim]")
+    fields = cls.Params.model_fields
+    for k, default, allowed in param_docs(cls.Params):
+        what = "; ".join(x for x in (fields[k].description or "", allowed) if x)
+        console.print(f"  {k}: {escape(default)}  [dim]{escape(what)}[/dim]")
     console.print("[bold]hooks[/bold]")
     for h, hargs in cls.hooks.items():
         console.print(f"  {h}({', '.join(hargs)})  [dim]{HOOKS[h].kind}: {HOOKS[h].doc}[/dim]")
@@ -421,6 +494,12 @@ def cmd_data_build(args: argparse.Namespace) -> int:
             shard_tokens=args.shard_tokens,
             txt_mode=args.txt_docs,
             text_key=args.text_key,
+            option_names={
+                "tokenizer": "--tokenizer",
+                "vocab_size": "--vocab-size",
+                "val_docs": "--val-docs",
+                "shard_tokens": "--shard-tokens",
+            },
         )
     except OSError as e:  # build_dataset writes beside --out and removes its work on failure
         raise PgolfError(
@@ -453,8 +532,23 @@ def add_set_argument(
     )
 
 
+def version_line() -> str:
+    """``pgolf X (python Y, torch Z)``: the installed versions, without importing torch."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"pgolf {v('pgolf')} (python {platform.python_version()}, torch {v('torch')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf: techniques, stacks, search.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="train, export, reload and score a stack")
@@ -462,8 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_set_argument(p)
     p.add_argument("--out", help="output folder (default runs/<name>-<time>)")
     p.add_argument("--nproc", type=int, default=0, help="processes (GPUs) to launch through torchrun")
-    p.add_argument("--quiet", action="store_true", help="no console output (run.log is still written)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing but errors (run.log and result.json are still written)",
+    )
     p.add_argument("--no-estimate", action="store_true", help="skip the pre-training artifact size estimate")
+    p.add_argument(
+        "--allow-over-limit",
+        action="store_true",
+        help="train even when the estimated artifact is over export.artifact_limit (refused by default)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a stack and estimate its artifact size without training")

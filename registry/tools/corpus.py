@@ -15,6 +15,7 @@ Measured on CPython 3.11.7 (2 CPU cores): 2,246 documents, 1.23 MB, 2.2-3.7 s to
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import io
@@ -27,7 +28,7 @@ import shutil
 import sys
 import sysconfig
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,13 +168,18 @@ def _training_lines(docs: Iterable[str]) -> list[str]:
     return [line for doc in docs for line in doc.splitlines() if line.strip()]
 
 
-def train_tokenizer(docs: Iterable[str], vocab_size: int, out_prefix: Path) -> Path:
+def train_tokenizer(
+    docs: Iterable[str], vocab_size: int, out_prefix: Path, *, setting: str = "tokenizer vocab size"
+) -> Path:
     """Train a SentencePiece BPE with the challenge's settings; return ``{out_prefix}.model``.
 
-    Training is deterministic (one thread, every line used, none dropped for length).
+    Training is deterministic (one thread, every line used, none dropped for length). The
+    challenge's settings make ``vocab_size`` a soft limit: on too little text SentencePiece
+    stops early, which is refused here (:class:`DataError` naming ``setting`` and both sizes)
+    rather than handing back a smaller vocabulary than asked for.
     """
     if not 8 <= vocab_size <= MAX_TOKEN_ID + 1:
-        raise DataError(f"tokenizer vocab size must be in [8, {MAX_TOKEN_ID + 1}], got {vocab_size}")
+        raise DataError(f"{setting} must be in [8, {MAX_TOKEN_ID + 1}], got {vocab_size}")
     lines = _training_lines(docs)
     if not lines:
         raise DataError("no text to train a tokenizer on")
@@ -195,6 +201,13 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_prefix: Path) -> P
     out = Path(f"{out_prefix}.model")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model.getvalue())
+    got = load_tokenizer(out).vocab_size()
+    if got != vocab_size:
+        out.unlink()
+        raise DataError(
+            f"{setting} {vocab_size:,}: this text supports only {got:,} SentencePiece pieces, so the "
+            f"tokenizer would have {got:,} instead of {vocab_size:,}; ask for {got:,} or fewer, or give more text"
+        )
     try:
         build_byte_lut(load_tokenizer(out))  # its byte tables must count text exactly
     except DataError as e:
@@ -318,18 +331,32 @@ def _write_splits(
     return {"val": val.close(), "train": train.close()}
 
 
+OPTION_NAMES: dict[str, str] = {
+    "tokenizer": "tokenizer",
+    "vocab_size": "vocab_size",
+    "val_docs": "val_docs",
+    "shard_tokens": "shard_tokens",
+}
+"""How errors name :func:`build_dataset`'s arguments; the CLI passes its flags (``--val-docs``)."""
+
+
 def _check_build_args(
-    tokenizer: Path | None, vocab_size: int | None, val_docs: int, shard_tokens: int
+    tokenizer: Path | None, vocab_size: int | None, val_docs: int, shard_tokens: int, names: Mapping[str, str]
 ) -> None:
     if (tokenizer is None) == (vocab_size is None):
-        raise DataError("give exactly one of a tokenizer model to use or a vocab size to train one with")
+        raise DataError(
+            f"give exactly one of {names['tokenizer']} (a tokenizer model to use) or "
+            f"{names['vocab_size']} (the size of one to train)"
+        )
     if val_docs < 1:
-        raise DataError(f"val_docs must be at least 1 (the validation split), got {val_docs}")
+        raise DataError(f"{names['val_docs']} must be at least 1 (the validation split), got {val_docs}")
     if shard_tokens < 1:
-        raise DataError(f"shard_tokens must be at least 1, got {shard_tokens}")
+        raise DataError(f"{names['shard_tokens']} must be at least 1, got {shard_tokens}")
 
 
-def _count_documents(docs: Callable[[], Iterator[str]], sources: Sequence[str], val_docs: int) -> int:
+def _count_documents(
+    docs: Callable[[], Iterator[str]], sources: Sequence[str], val_docs: int, names: Mapping[str, str]
+) -> int:
     n = sum(1 for _ in docs())
     where = ", ".join(sources)
     if n == 0:
@@ -337,7 +364,7 @@ def _count_documents(docs: Callable[[], Iterator[str]], sources: Sequence[str], 
     if n < val_docs + 1:
         raise DataError(
             f"found {n} documents in {where}, but {val_docs} validation documents plus at least one "
-            f"training document need {val_docs + 1}; lower val_docs or add documents"
+            f"training document need {val_docs + 1}; lower {names['val_docs']} or add documents"
         )
     return n
 
@@ -352,12 +379,13 @@ def _write_dataset(
     val_docs: int,
     shard_tokens: int,
     settings: dict[str, Any],
+    names: Mapping[str, str] = OPTION_NAMES,
 ) -> None:
     """Write the whole dataset into the existing empty folder ``work``."""
-    _count_documents(docs, sources, val_docs)
+    _count_documents(docs, sources, val_docs, names)
     model = work / TOKENIZER_FILE
     if vocab_size is not None:
-        train_tokenizer(docs(), vocab_size, work / "tokenizer")
+        train_tokenizer(docs(), vocab_size, work / "tokenizer", setting=names["vocab_size"])
     else:
         assert tokenizer is not None
         _check_tokenizer(Path(tokenizer))
@@ -383,6 +411,16 @@ def _write_dataset(
     check_dataset(work, find_shards(work, "train"), find_shards(work, "val"), model, int(sp.vocab_size()))
 
 
+def _missing_parents(target: Path) -> list[Path]:
+    """The folders above ``target`` that do not exist yet, deepest first."""
+    out = []
+    p = target.absolute().parent
+    while not p.exists():
+        out.append(p)
+        p = p.parent
+    return out
+
+
 def _temp_sibling(target: Path, tag: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -405,22 +443,27 @@ def build_dataset(
     shard_tokens: int = 100_000_000,
     txt_mode: str = "file",
     text_key: str = "text",
+    option_names: Mapping[str, str] | None = None,
 ) -> DatasetInfo:
     """Tokenize the documents of ``inputs`` into a challenge-format dataset folder ``out_dir``.
 
     Give either ``tokenizer`` (copied in as ``tokenizer.model``) or ``vocab_size`` (a tokenizer is
     trained on all documents, validation ones included, as the challenge's pipeline did). The first
     ``val_docs`` documents form the validation split. The folder is written beside ``out_dir`` and
-    renamed into place at the end, so a failure leaves no half-written ``out_dir``.
+    renamed into place at the end, so a failure leaves no half-written ``out_dir`` and no folder
+    it had to create. Errors name the arguments as ``option_names`` says (default
+    :data:`OPTION_NAMES`).
     """
     out_dir = Path(out_dir)
-    _check_build_args(tokenizer, vocab_size, val_docs, shard_tokens)
+    names = {**OPTION_NAMES, **(option_names or {})}
+    _check_build_args(tokenizer, vocab_size, val_docs, shard_tokens, names)
     if not inputs:
         raise DataError("no input document files given")
     _refuse_nonempty(out_dir)
     docs = _documents_of(inputs, txt_mode, text_key)
     sources = [str(Path(p)) for p in inputs]
     settings = {"txt_mode": txt_mode, "text_key": text_key}
+    made = _missing_parents(out_dir)
     work = _temp_sibling(out_dir, "building")
     try:
         _write_dataset(
@@ -432,6 +475,7 @@ def build_dataset(
             val_docs=val_docs,
             shard_tokens=shard_tokens,
             settings=settings,
+            names=names,
         )
         _refuse_nonempty(out_dir)
         if out_dir.exists():
@@ -439,6 +483,9 @@ def build_dataset(
         os.rename(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        for folder in made:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return read_dataset_info(out_dir)
 
@@ -566,6 +613,7 @@ def default_dataset(cache_dir: Path, vocab_size: int = 1024) -> DatasetInfo:
             val_docs=DEFAULT_VAL_DOCS,
             shard_tokens=100_000_000,
             settings={"corpus": _DEFAULT_RECIPE, "min_doc_chars": DEFAULT_MIN_DOC_CHARS},
+            names={**OPTION_NAMES, "vocab_size": "model.vocab_size (the embedded default corpus)"},
         )
         os.rename(work, target)
     except OSError as e:
