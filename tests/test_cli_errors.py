@@ -135,7 +135,7 @@ CASES: dict[str, dict[str, Case]] = {
     "bench": {
         "missing": (lambda e: ["bench", e.missing("nope.yaml")], "does not exist"),
         "malformed": (lambda e: ["bench", e.malformed()], "malformed YAML"),
-        "unwritable": (lambda e: ["bench", e.stack(), "--out-dir", str(e.ro / "results")], "cannot write in"),
+        "unwritable": (lambda e: ["bench", e.stack(), "--out", str(e.ro / "bench")], "cannot write in"),
     },
     "search": {
         "missing": (lambda e: ["search", e.missing("nope.yaml")], "does not exist"),
@@ -267,21 +267,9 @@ def test_full_disk_when_bench_saves_its_results(
 ) -> None:
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(quick_stack(cache_dir)))
-    res = tmp_path / "bench" / "results"
     full_disk(monkeypatch, tmp_path / "bench")
-    argv = [
-        "bench",
-        str(f),
-        "--steps",
-        "1",
-        "--no-profile",
-        "--eval-tokens",
-        "0",
-        "--warmup",
-        "0",
-        "--out-dir",
-        str(res),
-    ]
+    argv = ["bench", str(f), "--steps", "1", "--no-profile", "--eval-tokens", "0", "--warmup", "0",
+            "--out", str(tmp_path / "bench")]  # fmt: skip
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "tokens/s" in captured.out  # the measurements were shown before saving failed

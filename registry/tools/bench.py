@@ -1345,7 +1345,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) / "results"
     readme = Path(args.out) / "README.md"
     if args.readme_only:
-        check_writable(readme, "--readme")
+        check_writable(readme, "--out")
         regenerate_readme(out_dir, readme)
         console.print(f"regenerated {readme} from {out_dir}")
         return 0
@@ -1363,8 +1363,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.warmup is not None and args.warmup < 0:
         raise PgolfError(f"--warmup must be at least 0, got {args.warmup}")
     rs = load_stack(args.stack, args.set)
-    check_writable(out_dir, "--out-dir", folder=True)  # before minutes of measuring, not after
-    check_writable(readme, "--readme")
+    check_writable(out_dir, "--out", folder=True)  # before minutes of measuring, not after
+    check_writable(readme, "--out")
     opts = BenchOptions(
         steps=args.steps,
         warmup=args.warmup,
