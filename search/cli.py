@@ -7,7 +7,7 @@ run`` must not pay for them): ``pgolf search`` imports the harness inside its co
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,10 @@ def _study_out(name: str) -> Path:
 def cmd_search(args: argparse.Namespace) -> int:
     from .spec import load_search
 
+    if args.dry_run:
+        if args.resume or not args.search:
+            raise PgolfError("--dry-run takes a search file: pgolf search SEARCH.yaml --dry-run")
+        return _dry_run(load_search(args.search, args.set), args)
     if args.resume and args.search:
         raise PgolfError("give a search file or --resume DIR, not both (a study keeps its own search.yaml)")
     if not args.resume and not args.search:
@@ -53,24 +57,25 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"{loaded.spec.search.num_samples} trials × {len(loaded.spec.search.seeds)} seed(s), "
             f"limit {loaded.spec.constraint.artifact_bytes:,} bytes)"
         )
-    fresh = not args.resume and not study_dir.exists()
-    try:
-        summary = run_search(
-            loaded,
-            study_dir,
-            address=args.address,
-            resume=bool(args.resume),
-            console=None if args.quiet else console,
-            quiet=args.quiet,
-        )
-    except PgolfError:
-        if fresh and not (study_dir / "trials.jsonl").exists():  # nothing sampled: leave no folder behind
-            shutil.rmtree(study_dir, ignore_errors=True)
-        raise
+    summary = run_search(
+        loaded,
+        study_dir,
+        address=args.address,
+        resume=bool(args.resume),
+        console=None if args.quiet else console,
+        quiet=args.quiet,
+    )
     if summary.get("message") and not args.quiet:
         console.print(summary["message"])
     _results(study_dir, quiet=args.quiet)
     trained, total = summary.get("trained"), summary.get("num_samples")
+    code = int(summary.get("exit_code") or 0)
+    if code:
+        console.print(
+            f"[yellow]stopped by {summary.get('signal')}: {trained}/{total} trials trained; every finished "
+            f"trial is in the ledger. Continue with: pgolf search --resume {study_dir}[/yellow]"
+        )
+        return code
     if trained == 0 and summary.get("ran"):  # every sample was invalid or could not fit: exit 2
         raise PgolfError(
             "no trial was trained: every sampled stack was invalid or over the size limit (see "
@@ -89,6 +94,57 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(loaded: Any, args: argparse.Namespace) -> int:
+    import statistics
+
+    from .harness import dry_run
+
+    n = args.samples
+    console.print(
+        f"[bold]dry run[/bold] of {loaded.source}: {n} points drawn uniformly from the space, each "
+        f"sized by the gate (limit {loaded.spec.constraint.artifact_bytes:,} bytes); nothing is trained"
+    )
+
+    def line(i: int, what: str, est: Any, note: str) -> None:
+        if args.verbose:
+            size = f" {est.total:,} bytes ({est.method})" if est is not None else ""
+            console.print(f"sample {i}: {what}{size}{(' ' + note) if note else ''}", markup=False)
+
+    r = dry_run(loaded, n, workers=args.workers, check=args.check, on_decision=line)
+    secs = r["estimate_seconds"]
+    console.print(
+        f"feasible: {r['feasible']}/{r['sized']} sized samples ({r['feasible_fraction']:.1%}); "
+        f"{r['invalid']} invalid",
+        markup=False,
+    )
+    console.print("decided by: " + ", ".join(f"{v} {k}" for k, v in r["methods"].items() if v), markup=False)
+    if secs:
+        console.print(
+            f"estimate jobs: {len(secs)}, {statistics.fmean(secs):.2f} s mean, "
+            f"{statistics.median(secs):.2f} s median, {max(secs):.2f} s max (each on one thread)",
+            markup=False,
+        )
+    console.print(
+        f"wall {r['wall_seconds']:.1f} s with {r['workers']} parallel estimate(s) "
+        f"({r['driver_seconds']:.2f} s of it in the driver): "
+        + (
+            f"{r['seconds_per_feasible']:.1f} s of sizing per trainable sample"
+            if r["feasible"]
+            else "no sample fits: narrow the space"
+        ),
+        markup=False,
+    )
+    if r["wrong_decisions"] is not None:
+        console.print(
+            f"check: {len(r['wrong_decisions'])} analytic/proxy decisions differ from a real estimate"
+            + "".join(f"\n  {w}" for w in r["wrong_decisions"]),
+            markup=False,
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
 def _results(
     study_dir: Path,
     *,
@@ -97,8 +153,9 @@ def _results(
     png: str | None = None,
     best: str | None = None,
     top: int | None = None,
+    importance: bool = False,
 ) -> int:
-    from .results import footer, load_study, table, write_all
+    from .results import confirmation, footer, load_study, table, write_all
 
     study = load_study(study_dir)
     written = write_all(
@@ -109,8 +166,15 @@ def _results(
     console.print(table(study, top))
     for line in footer(study):
         console.print(line, markup=False)
+    for line in confirmation(study):
+        console.print(line, markup=False)
+    if importance:
+        from .results import importance_lines
+
+        for line in importance_lines(study):
+            console.print(line, markup=False)
     console.print(
-        f"wrote {written.csv}, {written.png}"
+        f"wrote {written.csv}, {written.png}, {written.history}"
         + (
             f", {written.best_yaml} (pgolf run {written.best_yaml})"
             if written.best_yaml
@@ -122,7 +186,14 @@ def _results(
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    return _results(Path(args.dir), csv=args.csv, png=args.png, best=args.best_yaml, top=args.top)
+    return _results(
+        Path(args.dir),
+        csv=args.csv,
+        png=args.png,
+        best=args.best_yaml,
+        top=args.top,
+        importance=args.importance,
+    )
 
 
 def _seed_list(args: argparse.Namespace) -> list[int]:
@@ -206,6 +277,21 @@ def add_commands(sub: Any) -> None:
     )
     add_set_argument(p, "search", "search.num_samples=8")
     p.add_argument("--quiet", action="store_true", help="no live table; results files are still written")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="size --samples points of the space and print the feasible fraction and the time per "
+        "estimate; train nothing, write nothing",
+    )
+    p.add_argument("--samples", type=int, default=64, help="--dry-run: points to draw (default 64)")
+    p.add_argument(
+        "--workers", type=int, help="--dry-run: estimates at once (default search.size_workers; 0 = inline)"
+    )
+    p.add_argument(
+        "--check", action="store_true", help="--dry-run: verify analytic/proxy decisions with real estimates"
+    )
+    p.add_argument("--json", help="--dry-run: also write the figures as JSON")
+    p.add_argument("--verbose", action="store_true", help="--dry-run: one line per sample")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
@@ -216,6 +302,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--png", help="Pareto plot path (default DIR/pareto.png)")
     p.add_argument("--best-yaml", help="best stack path (default DIR/best_stack.yaml)")
     p.add_argument("--top", type=int, help="show only the first N rows")
+    p.add_argument(
+        "--importance",
+        action="store_true",
+        help="Optuna's parameter importance (fANOVA) over complete trials",
+    )
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("repeat", help="run one stack on several seeds (for pgolf compare)")

@@ -27,7 +27,11 @@ STATE_STYLE = {
     "infeasible": "magenta",
     "invalid": "magenta",
     "interrupted": "yellow",
+    "timeout": "red",
+    "unused": "dim",
+    "imported": "dim",
 }
+DONE = ("complete", "stopped", "error", "timeout")
 
 
 @dataclass
@@ -79,10 +83,13 @@ class Display:
         self._line(text)
 
     def resume_from(self, records: dict[int, dict[str, Any]]) -> None:
-        """Count the trials an earlier session finished, and its best."""
+        """Count the trials an earlier session finished (including those a resume just
+        adopted, which then leave this session's rows: each trial is counted once), and its best."""
+        self.done_before = 0
         for n, r in records.items():
-            if r.get("state") in ("complete", "stopped", "error"):
+            if r.get("state") in DONE:
                 self.done_before += 1
+                self.rows.pop(n, None)
             v = r.get("val_bpb")
             if r.get("state") != "complete" or not r.get("fits", True) or not isinstance(v, float):
                 continue
@@ -105,9 +112,10 @@ class Display:
         )
         self._line(f"t{number:04d} {state}{size}: {point}" + (f" ({note})" if note and not size else ""))
 
-    def started(self, number: int, point: str, est_bytes: int) -> None:
+    def started(self, number: int, point: str, est_bytes: int | None) -> None:
         self.rows[number] = Row(number, "pending", point, bytes=est_bytes)
-        self._line(f"t{number:04d} queued (estimate {est_bytes:,} bytes): {point}")
+        what = f" (estimate {est_bytes:,} bytes)" if est_bytes is not None else ""
+        self._line(f"t{number:04d} queued{what}: {point}")
 
     def running(self, number: int) -> None:
         row = self.rows.setdefault(number, Row(number))
@@ -126,6 +134,8 @@ class Display:
     ) -> None:
         row = self.rows.setdefault(number, Row(number))
         row.state, row.note = state, note
+        if state not in ("complete", "stopped"):
+            row.val_bpb = None  # an intermediate score is not this trial's result
         if val_bpb is not None and math.isfinite(val_bpb):
             row.val_bpb = val_bpb
         if bytes_ is not None:
@@ -149,9 +159,9 @@ class Display:
 
     def status(self) -> str:
         c = self.counts()
-        done = self.done_before + sum(c.get(s, 0) for s in ("complete", "stopped", "error"))
+        done = self.done_before + sum(c.get(s, 0) for s in DONE)
         parts = [f"{done}/{self.total} trained"]
-        for s in ("running", "pending", "error", "stopped", "infeasible", "invalid"):
+        for s in ("running", "pending", "error", "timeout", "stopped", "infeasible", "invalid"):
             if c.get(s):
                 parts.append(f"{c[s]} {s}")
         if self.best is not None:

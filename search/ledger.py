@@ -7,8 +7,13 @@ a ``state``; folding the events of a number in order gives the trial's record.
 
 States: ``invalid`` (the sampled stack does not validate), ``infeasible`` (too large: rejected
 before training), ``running``, then ``complete``, ``stopped`` (cut early by ASHA), ``error``
-(raised, ran out of memory or diverged), or ``interrupted`` (the driver died; re-run under a
-new number on resume).
+(raised, ran out of memory, diverged, a non-finite final score, a dead worker: ``error_kind``
+says which), ``timeout`` (killed by the driver after ``trial.timeout_seconds``), or
+``interrupted`` (the driver stopped; re-run under a new number on resume). ``unused``: sized but
+never launched (the budget was spent or the study stopped; sampled first on resume);
+``imported``: a finished trial of an earlier study added by ``search.warm_start``.
+
+Paths (``run_dir``) are relative to the study folder, so a copied study still finds its runs.
 """
 
 from __future__ import annotations
@@ -22,9 +27,24 @@ from pathlib import Path
 from typing import Any
 
 LEDGER_NAME = "trials.jsonl"
-TRAINED = ("complete", "stopped", "error")  # count toward search.num_samples
+TRAINED = ("complete", "stopped", "error", "timeout")  # count toward search.num_samples
 REJECTED = ("infeasible", "invalid")
-FINAL = (*TRAINED, *REJECTED, "interrupted")
+FINAL = (*TRAINED, *REJECTED, "interrupted", "unused", "imported")
+
+
+def rel_path(path: Path, study_dir: Path) -> str:
+    """``path`` relative to the study folder when it is inside it (else absolute)."""
+    try:
+        return str(path.resolve().relative_to(study_dir.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def run_path(stored: str | Path, study_dir: Path) -> Path:
+    """A ledger path back to a real one: relative paths are inside the study folder (older
+    ledgers stored absolute paths, which are kept)."""
+    p = Path(stored)
+    return p if p.is_absolute() else study_dir / p
 
 
 def _clean(v: Any) -> Any:

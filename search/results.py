@@ -23,7 +23,7 @@ from rich.text import Text
 from pgolf.registry.api.config import read_yaml
 from pgolf.registry.api.errors import PgolfError
 
-from .ledger import LEDGER_NAME, Ledger
+from .ledger import LEDGER_NAME, Ledger, run_path
 from .space import fmt_value
 
 # keys the harness sets on every trial, not differences the search chose
@@ -68,6 +68,9 @@ class TrialRow:
     @property
     def size(self) -> int | None:
         return self.artifact_bytes if self.artifact_bytes is not None else self.estimated_bytes
+
+    def run_path(self, study_dir: Path) -> Path:
+        return run_path(self.run_dir, study_dir)
 
 
 @dataclass
@@ -184,9 +187,12 @@ STATE_ORDER = {
     "stopped": 1,
     "running": 2,
     "error": 3,
-    "interrupted": 4,
-    "infeasible": 5,
-    "invalid": 6,
+    "timeout": 4,
+    "interrupted": 5,
+    "infeasible": 6,
+    "invalid": 7,
+    "unused": 8,
+    "imported": 9,
 }
 
 
@@ -210,6 +216,13 @@ def rank(rows: Sequence[TrialRow]) -> list[TrialRow]:
 # --------------------------------------------------------------------------------------------
 # Table and CSV
 # --------------------------------------------------------------------------------------------
+
+
+def _shorten(text: str, width: int) -> str:
+    import textwrap
+
+    line = " ".join(text.split())
+    return textwrap.shorten(line, width=width, placeholder=" …") if len(line) > width else line
 
 
 def _f(v: Any, fmt: str) -> str:
@@ -250,7 +263,7 @@ def table(study: Study, top: int | None = None) -> Table:
         note = (
             r.changes
             if r.state in ("complete", "stopped") or not r.error
-            else f"{r.changes}  [{r.error[:60]}]"
+            else f"{r.changes}  [{_shorten(r.error, 60)}]"
         )
         style = "" if r.state == "complete" else "dim"
         bpb = _f(r.val_bpb, ".4f")
@@ -287,10 +300,16 @@ def footer(study: Study) -> list[str]:
     )
     errs = [r.estimate_error_bytes for r in study.rows if r.estimate_error_bytes is not None]
     if errs:
+        under = max(errs)
+        worst = (
+            f"worst under-estimate {under:+,d} bytes (the artifact was larger than estimated); set "
+            f"constraint.margin above {under:,d} bytes to be safe"
+            if under > 0
+            else "no trial's artifact was larger than its estimate"
+        )
         lines.append(
-            f"size estimate error (real − estimated): mean {sum(errs) / len(errs):+,.0f} bytes, "
-            f"worst {max(errs, key=abs):+,d} bytes over {len(errs)} trials; set constraint.margin "
-            "above the worst positive error to be safe"
+            f"size estimate error (real − estimated): mean {sum(errs) / len(errs):+,.0f} bytes over "
+            f"{len(errs)} trials; {worst}"
         )
     if any(r.legal is not None for r in study.rows):
         lines.append("legal: no technique in the stack is tagged needs_review (legality probes are not run)")
@@ -378,9 +397,33 @@ def plot_pareto(study: Study, path: Path) -> int:
         xs.append(max(study.limit / mb, xs[-1]))
         ys.append(ys[-1])
         ax.step(xs, ys, where="post", color="#d62728", linewidth=1.6, label="Pareto front", zorder=2)
+        names = {(x, y): r.name for x, y, ok, r in done if ok}
+        for x, y in front:
+            ax.annotate(names.get((x, y), ""), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                        color="#d62728")  # fmt: skip
+    rejected_rows = [r for r in study.rows if r.state == "infeasible" and r.estimated_bytes]
+    hi = max(
+        [study.limit / mb * 1.08]
+        + [x for x, *_ in done]
+        + [(r.estimated_bytes or 0) / mb for r in rejected_rows]
+    )
+    lo = min([0.0] + [x for x, *_ in done])
+    ax.set_xlim(lo, hi * 1.02)
+    ax.axvspan(lo, study.limit / mb, color="#2ca02c", alpha=0.06, label="feasible (≤ limit)")
     ax.axvline(
         study.limit / mb, color="black", linestyle="--", linewidth=1.2, label=f"limit {study.limit:,} bytes"
     )
+    if rejected_rows:  # no score: drawn along the bottom at their estimated size
+        ax.scatter(
+            [r.estimated_bytes / mb for r in rejected_rows if r.estimated_bytes],
+            [0.02] * len(rejected_rows),
+            transform=ax.get_xaxis_transform(),
+            marker="|",
+            s=80,
+            color="#9467bd",
+            label=f"rejected before training, at estimated size ({len(rejected_rows)})",
+            zorder=3,
+        )
     best = study.best()
     if best is not None and best.artifact_bytes and best.val_bpb is not None:
         bx, by = best.artifact_bytes / mb, float(best.val_bpb)
@@ -415,10 +458,8 @@ def best_stack_yaml(study: Study) -> str | None:
     best = study.best()
     if best is None or best.stack is None:
         return None
-    stack = json.loads(json.dumps(best.stack))
+    stack = json.loads(json.dumps(best.stack))  # as the trial ran it: threads, device, compile...
     stack["name"] = f"{study.name}-best-{best.name}"
-    base_train = study.base.get("train") or {}
-    stack.setdefault("train", {})["threads"] = base_train.get("threads")  # the trial's cpus, not the user's
     head = (
         f"# Best stack of study {study.name} ({study.dir}): trial {best.name}\n"
         f"# val_bpb {best.val_bpb:.6f}, val_loss {best.val_loss:.6f} (mean over seeds "
@@ -433,6 +474,7 @@ class Written:
     csv: Path
     png: Path | None
     best_yaml: Path | None
+    history: Path | None = None
 
 
 def write_all(
@@ -443,7 +485,146 @@ def write_all(
     best_path = best_path or study.dir / "best_stack.yaml"
     write_csv(study, csv_path)
     plot_pareto(study, png_path)
+    history = study.dir / "history.png"
+    plot_history(study, history)
     text = best_stack_yaml(study)
     if text is not None:
         best_path.write_text(text)
-    return Written(csv_path, png_path, best_path if text is not None else None)
+    return Written(csv_path, png_path, best_path if text is not None else None, history)
+
+
+# --------------------------------------------------------------------------------------------
+# History, confirmation, importance
+# --------------------------------------------------------------------------------------------
+
+
+def plot_history(study: Study, path: Path) -> int:
+    """The objective of each trained trial in trial order, and the best so far (fitting,
+    complete trials); returns the number of points drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(
+        (r for r in study.rows if r.state in ("complete", "stopped") and _finite(r.objective)),
+        key=lambda r: r.number,
+    )
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ok = [r for r in rows if r.state == "complete" and r.fits]
+    other = [r for r in rows if r not in ok]
+    if ok:
+        ax.scatter(
+            [r.number for r in ok],
+            [float(r.objective or 0) for r in ok],
+            s=22,
+            color="#1f77b4",
+            label="complete, fits",
+        )
+    if other:
+        ax.scatter([r.number for r in other], [float(r.objective or 0) for r in other], s=22, marker="x", color="#999999",
+                   label="stopped by ASHA (last score) or over the limit")  # fmt: skip
+    best: list[tuple[int, float]] = []
+    cur = math.inf
+    for r in ok:
+        cur = min(cur, float(r.objective or math.inf))
+        best.append((r.number, cur))
+    if best:
+        ax.step(
+            [b[0] for b in best], [b[1] for b in best], where="post", color="#d62728", label="best so far"
+        )
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(f"{study.metric} (lower is better)")
+    ax.set_title(f"{study.name}: {study.metric} by trial", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if rows:
+        ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(rows)
+
+
+def _seed_scores(run_dir: Path) -> dict[int, tuple[float, float]]:
+    out: dict[int, tuple[float, float]] = {}
+    for f in sorted(run_dir.glob("seed_*/result.json")):
+        try:
+            d = json.loads(f.read_text())
+            loss, bpb = float(d["val_loss"]), float(d["val_bpb"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if math.isfinite(loss) and math.isfinite(bpb):
+            out[int(d.get("seed", f.parent.name.removeprefix("seed_")))] = (loss, bpb)
+    return out
+
+
+def confirmation(study: Study) -> list[str]:
+    """Trials run on several seeds (top-k confirmation), ranked by mean val_loss, each tested
+    against the best (Welch, one-sided, in nats) and the reference against the challenge bar."""
+    import statistics
+
+    from .stats import BAR_NATS, BAR_P, meets_bar, welch_less
+
+    groups = []
+    for r in study.rows:
+        if r.state != "complete" or not r.run_dir:
+            continue
+        scores = _seed_scores(r.run_path(study.dir))
+        if len(scores) >= 2:
+            groups.append((statistics.fmean(v[0] for v in scores.values()), r, scores))
+    if not groups:
+        return []
+    groups.sort(key=lambda g: g[0])
+    best_loss = [v[0] for v in groups[0][2].values()]
+    ref = next((g for g in groups if g[1].stack and g[1].point and g[1].number == _reference(study)), None)
+    lines = [
+        f"confirmation (mean over seeds; Welch one-sided test in nats; bar {BAR_NATS} nats at p < {BAR_P}):"
+    ]
+    for i, (mean, r, scores) in enumerate(groups, 1):
+        loss = [v[0] for v in scores.values()]
+        bpb = [v[1] for v in scores.values()]
+        sd = statistics.stdev(loss)
+        text = (f"  {i}. {r.name}: val_loss {mean:.5f} ± {sd:.5f} nats, val_bpb {statistics.fmean(bpb):.5f} "
+                f"over {len(loss)} seeds")  # fmt: skip
+        if i > 1:
+            w = welch_less(best_loss, loss)
+            text += f"; {groups[0][1].name} better with p = {w.p:.3g}"
+        if ref is not None and r is not ref[1]:
+            w = welch_less(loss, [v[0] for v in ref[2].values()])
+            text += f"; vs reference {ref[1].name}: {w.diff:+.5f} nats, p = {w.p:.3g}, bar {'MET' if meets_bar(w) else 'not met'}"
+        lines.append(text)
+    return lines
+
+
+def _reference(study: Study) -> int | None:
+    ledger = Ledger(study.dir / LEDGER_NAME)
+    for n, rec in ledger.records().items():
+        if rec.get("reference"):
+            return n
+    return None
+
+
+def importance_lines(study: Study) -> list[str]:
+    """Optuna's parameter importance (its default evaluator, fANOVA) over the complete trials."""
+    import optuna
+
+    from .storage import open_storage, resolve_url
+
+    spec = yaml.safe_load((study.dir / "search.yaml").read_text()) or {}
+    url = resolve_url(spec.get("storage"), study.dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.load_study(
+        study_name=str(spec.get("study_name") or study.dir.name), storage=open_storage(url)
+    )
+    done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(done) < 2:
+        return [f"parameter importance: needs at least 2 complete trials (have {len(done)})"]
+    target = (lambda t: t.values[0]) if len(st.directions) > 1 else None
+    try:
+        imp = optuna.importance.get_param_importances(st, target=target)
+    except (RuntimeError, ValueError) as e:
+        return [f"parameter importance: not available ({e})"]
+    lines = [f"parameter importance for {study.metric} (fANOVA over {len(done)} complete trials; "
+             "parameters present in every one of them):"]  # fmt: skip
+    lines += [f"  {k:<40} {v:.3f}" for k, v in imp.items()]
+    return lines

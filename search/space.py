@@ -76,6 +76,27 @@ def encode_point(dims: Sequence[Dim], point: Mapping[str, Any]) -> dict[str, Any
     return {k: encode_choice(by_key[k], v) if by_key[k].kind == "choice" else v for k, v in point.items()}
 
 
+def distributions(dims: Sequence[Dim]) -> dict[str, Any]:
+    """The Optuna distribution of each dimension, as :func:`suggest` samples it (for trials
+    added from elsewhere, e.g. a warm start)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for d in dims:
+        if d.kind == "optional":
+            out[d.key] = CategoricalDistribution([False, True])
+        elif d.kind == "choice":
+            out[d.key] = CategoricalDistribution([encode_choice(d, c) for c in d.choices])
+        elif d.kind == "int":
+            assert d.low is not None and d.high is not None
+            out[d.key] = IntDistribution(int(d.low), int(d.high), step=int(d.step or 1), log=d.log)
+        else:
+            assert d.low is not None and d.high is not None
+            log = d.kind == "logfloat"
+            out[d.key] = FloatDistribution(float(d.low), float(d.high), step=None if log else d.step, log=log)
+    return out
+
+
 def apply(base: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:
     """The stack mapping ``base`` with the point's values set (toggles add or remove techniques)."""
     data = copy.deepcopy(dict(base))

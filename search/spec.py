@@ -42,6 +42,7 @@ from pgolf.registry.api.config import (
     stack_from_dict,
 )
 from pgolf.registry.api.errors import ConfigError, PgolfError, did_you_mean
+from pgolf.registry.api.hooks import HOOKS
 from pgolf.registry.api.technique import REGISTRY, pydantic_problems
 
 KINDS = ("int", "float", "logfloat", "choice", "optional")
@@ -63,11 +64,27 @@ class _Section(BaseModel):
 class ObjectiveSpec(_Section):
     metric: Literal["val_bpb", "val_loss"] = Field("val_bpb", description="what the search minimizes")
     mode: Literal["min"] = "min"
+    multi_objective: bool = Field(
+        False, description="minimize (metric, artifact bytes) together: Optuna keeps the Pareto front"
+    )
 
 
 class ConstraintSpec(_Section):
     artifact_bytes: int = Field(ARTIFACT_LIMIT, ge=1, description="artifact (model + code) limit in bytes")
     margin: int = Field(0, ge=0, description="bytes added to every pre-training estimate")
+    prefilter_slack: float = Field(
+        0.10,
+        ge=0,
+        lt=1,
+        description="analytic pre-filter: reject when (1 - slack) x the lowest bytes/parameter seen "
+        "x parameters is over the limit",
+    )
+    proxy_after_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="estimate with the default codec (scaled, calibrated) once real estimates of an "
+        "export take this long; close calls still get a real estimate",
+    )
 
 
 class TrialSpec(_Section):
@@ -78,6 +95,12 @@ class TrialSpec(_Section):
         ge=0,
         description="training time cap per run (sets train.max_wallclock_seconds); null keeps the stack's",
     )
+    timeout_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="hard limit on a trial's wall-clock, enforced by the driver; null = seeds x "
+        "(1.25 x the training cap + 900 s) when there is a cap, none otherwise; 0 = none",
+    )
 
 
 class SearchSection(_Section):
@@ -86,7 +109,7 @@ class SearchSection(_Section):
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int | None = Field(None, ge=1, description="ASHA: steps before the first cut")
     reduction_factor: float = Field(3.0, gt=1, description="ASHA: keep the best 1/reduction_factor per rung")
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     sampler_seed: int = Field(0, ge=0)
     n_startup_trials: int = Field(8, ge=0, description="TPE: random samples before the model is used")
     seeds: list[int] = Field(
@@ -94,6 +117,16 @@ class SearchSection(_Section):
     )
     max_resample: int = Field(50, ge=1, description="rejected samples in a row before the search gives up")
     start_with: list[dict[str, Any]] = Field(default_factory=list, description="points evaluated first")
+    size_workers: int = Field(
+        2, ge=0, description="size estimates computed at once as Ray tasks; 0 = one at a time in the driver"
+    )
+    warm_start: list[str] = Field(
+        default_factory=list, description="earlier study folders whose finished trials seed the sampler"
+    )
+    confirm_top_k: int = Field(0, ge=0, description="re-run the best k trials on confirm_seeds at the end")
+    confirm_seeds: list[int] = Field(
+        default_factory=list, description="extra seeds for the top-k confirmation"
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -105,9 +138,19 @@ class SearchSection(_Section):
         return seeds
 
 
+class EvalOnlySpec(_Section):
+    run: str = Field(
+        description="a run folder (stack.yaml + model.ptz), a study trial folder (its seed_* runs) "
+        "or a study folder (its best trial), whose artifact every trial re-scores"
+    )
+
+
 class SearchSpec(_Section):
     name: str | None = None
-    stack: str | dict[str, Any]
+    stack: str | dict[str, Any] | None = None
+    eval_only: EvalOnlySpec | None = Field(
+        None, description="search evaluation settings on a saved artifact; no training"
+    )
     space: dict[str, Any] = Field(default_factory=dict)
     objective: ObjectiveSpec = ObjectiveSpec()
     constraint: ConstraintSpec = ConstraintSpec()
@@ -174,6 +217,26 @@ class Dim:
         return f"{self.kind} in [{self.low:g}, {self.high:g}]{extra}{scale}"
 
 
+def yaml_number_hint(val: Any) -> str:
+    """A hint for numbers YAML reads as text (``1.0e6``, ``1e-3``: YAML 1.1 wants a sign in the
+    exponent and a dot in the mantissa)."""
+    items = val if isinstance(val, list) else [val]
+    for v in items:
+        if isinstance(v, str):
+            try:
+                x = float(v)
+            except ValueError:
+                continue
+            return (
+                f"; {v!r} is text to YAML, not a number: write it as {x!r}"
+                if "e" not in repr(x)
+                else f"; {v!r} is text to YAML, not a number: write it with a dot and a signed exponent, e.g. {x:.1e}".replace(
+                    "e-0", "e-"
+                ).replace("e+0", "e+")
+            )
+    return ""
+
+
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -224,7 +287,9 @@ def parse_dim(key: str, raw: Any, problems: list[tuple[str, str]]) -> Dim | None
             return None
         return Dim(key, "choice", choices=tuple(val))
     if not (isinstance(val, list) and len(val) == 2 and all(_is_num(v) for v in val)):
-        problems.append((f"{path}.{kind}", f"expected [low, high] numbers, got {val!r}"))
+        problems.append(
+            (f"{path}.{kind}", f"expected [low, high] numbers, got {val!r}" + yaml_number_hint(val))
+        )
         return None
     lo, hi = val
     ok = True
@@ -372,13 +437,20 @@ def _check_technique_dim(d: Dim, in_stack: set[str], toggled: set[str | None]) -
     return problems
 
 
-def check_start_with(points: Sequence[Mapping[str, Any]], dims: Sequence[Dim]) -> list[tuple[str, str]]:
+def check_start_with(
+    points: Sequence[Mapping[str, Any]], dims: Sequence[Dim], failed: Iterable[str] = ()
+) -> list[tuple[str, str]]:
+    """Check start points against the space; keys of space entries that failed to parse
+    (``failed``) have their own error and are not reported again."""
     by_key = {d.key: d for d in dims}
+    skip = set(failed)
     problems: list[tuple[str, str]] = []
     for i, point in enumerate(points):
         path = f"search.start_with[{i}]"
         for k, v in point.items():
             d = by_key.get(k)
+            if k in skip:
+                continue
             if d is None:
                 problems.append((f"{path}.{k}", "not a space key" + did_you_mean(k, by_key)))
             elif not d.contains(v):
@@ -409,13 +481,28 @@ class LoadedSearch:
     source: str
     name: str
     extra: dict[str, Any] = field(default_factory=dict)
+    eval_runs: list[Path] = field(default_factory=list)  # eval-only: the runs whose artifacts are re-scored
 
-    def resolved_yaml(self, study_name: str | None = None) -> str:
-        """The search as a self-contained YAML (the stack inline): the study's ``search.yaml``."""
+    @property
+    def eval_only(self) -> bool:
+        return bool(self.eval_runs)
+
+    def resolved_yaml(self, study_name: str | None = None, storage: str | None = None) -> str:
+        """The search as a self-contained YAML (the stack inline): the study's ``search.yaml``
+        (``storage``: the URL to write, e.g. with its password masked)."""
         d = self.spec.model_dump(mode="json")
         d["name"] = self.name
         if study_name is not None and d.get("study_name") is None:
             d["study_name"] = study_name
+        if storage is not None:
+            d["storage"] = storage
+        if self.eval_runs:
+            d["eval_only"] = {
+                "run": str(self.eval_runs[0].parent if len(self.eval_runs) > 1 else self.eval_runs[0])
+            }
+            d.pop("stack", None)
+            return yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=100)
+        d.pop("eval_only", None)
         d["stack"] = self.base_data
         return yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=100)
 
@@ -483,9 +570,23 @@ def search_from_dict(
             dims.append(d)
     stack_val = data.get("stack")
     base: ResolvedStack | None = None
-    if stack_val is None:
+    runs: list[Path] = []
+    eval_raw = data.get("eval_only")
+    if eval_raw is not None and stack_val is not None:
+        problems.append(
+            ("stack", "give either stack or eval_only.run (whose stack.yaml is the stack), not both")
+        )
+    elif isinstance(eval_raw, Mapping) and isinstance(eval_raw.get("run"), str):
+        try:
+            runs = find_eval_runs(eval_raw["run"], base_dir)
+            base = load_stack(runs[0] / "stack.yaml")
+        except ConfigError as e:
+            problems.extend((f"eval_only.run.{p}" if p else "eval_only.run", m) for p, m in e.problems)
+        except PgolfError as e:
+            problems.append(("eval_only.run", str(e)))
+    elif stack_val is None and eval_raw is None:
         problems.append(("stack", "required: a stack file or an inline stack mapping"))
-    else:
+    elif stack_val is not None:
         try:
             base = _load_base(stack_val, base_dir)
         except ConfigError as e:
@@ -495,12 +596,101 @@ def search_from_dict(
     if base is not None:
         problems.extend(check_dims(dims, base.technique_names()))
         problems.extend(_check_overlaps(spec, dims))
+        if eval_raw is not None:
+            problems.extend(check_eval_dims(dims))
     if spec is not None:
-        problems.extend(check_start_with(spec.search.start_with, dims))
+        failed = {str(k) for k in (data.get("space") or {})} - {d.key for d in dims}
+        problems.extend(check_start_with(spec.search.start_with, dims, failed))
+        for i, folder in enumerate(spec.search.warm_start):
+            wp = Path(folder).expanduser()
+            wp = wp if wp.is_absolute() else base_dir / wp
+            if not (wp / "trials.jsonl").is_file():
+                problems.append(
+                    (f"search.warm_start[{i}]", f"{folder!r} is not a study folder (no trials.jsonl)")
+                )
     if problems or spec is None or base is None:
         raise ConfigError(problems, source=source)
     name = spec.name or default_name
-    return LoadedSearch(spec, dims, base_stack_data(base), base, source, name)
+    loaded = LoadedSearch(spec, dims, base_stack_data(base), base, source, name)
+    loaded.eval_runs = runs
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# Eval-only searches
+# --------------------------------------------------------------------------------------------
+
+ARTIFACT_FILE = "model.ptz"  # a run folder's artifact when its result.json names none
+
+
+def _hook_plan(hook_name: str) -> str | None:
+    spec = HOOKS.get(hook_name)
+    return getattr(spec, "plan", None) or getattr(spec, "stage", None)
+
+
+def is_eval_technique(cls: type) -> bool:
+    """A technique whose every hook belongs to evaluation (a scorer, a log-prob transform):
+    switching it or changing its parameters leaves a trained artifact valid."""
+    hooks = getattr(cls, "hooks", {}) or {}
+    return bool(hooks) and all(_hook_plan(h) == "eval" for h in hooks)
+
+
+def check_eval_dims(dims: Sequence[Dim]) -> list[tuple[str, str]]:
+    """An eval-only search may only change what leaves the artifact valid."""
+    problems = []
+    for d in dims:
+        if d.parts[0] == "eval":
+            continue
+        if (
+            d.technique is not None
+            and d.technique in REGISTRY
+            and is_eval_technique(REGISTRY.get(d.technique))
+        ):
+            continue
+        problems.append(
+            (
+                f"space.{d.key}",
+                "an eval-only search re-scores a saved artifact, so it may search only eval.* keys "
+                "and evaluation techniques (whose every hook runs at evaluation); this key changes "
+                "the trained model",
+            )
+        )
+    return problems
+
+
+def _artifact(run: Path) -> Path:
+    try:
+        name = json.loads((run / "result.json").read_text()).get("artifact_file") or ARTIFACT_FILE
+    except (OSError, ValueError):
+        name = ARTIFACT_FILE
+    return run / str(name)
+
+
+def find_eval_runs(where: str, base_dir: Path) -> list[Path]:
+    """The run folders an eval-only search re-scores: a run folder, a study trial folder (one
+    run per seed) or a study folder (its best trial's runs)."""
+    p = Path(where).expanduser()
+    p = p if p.is_absolute() else (base_dir / p if (base_dir / p).exists() else Path.cwd() / p)
+    if (p / "stack.yaml").is_file():
+        runs = [p]
+    elif sorted(p.glob("seed_*/stack.yaml")):
+        runs = [f.parent for f in sorted(p.glob("seed_*/stack.yaml"))]
+    elif (p / "trials.jsonl").is_file():
+        from .results import load_study
+
+        best = load_study(p).best()
+        if best is None or not best.run_dir:
+            raise PgolfError(f"study {str(p)!r} has no complete trial within its limit to re-score")
+        return find_eval_runs(str(best.run_path(p)), base_dir)
+    else:
+        raise PgolfError(
+            f"{where!r} is neither a run folder (stack.yaml + artifact), a trial folder (seed_*/) "
+            "nor a study folder"
+        )
+    missing = [str(_artifact(r)) for r in runs if not _artifact(r).is_file()]
+    if missing:
+        raise PgolfError(f"no artifact in {missing[0]!r}: the run did not finish its export")
+    return [r.resolve() for r in runs]
 
 
 def _check_overlaps(spec: SearchSpec | None, dims: Sequence[Dim]) -> list[tuple[str, str]]:

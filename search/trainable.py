@@ -7,8 +7,15 @@ resumed study can adopt a trial that finished while the driver was dying.
 
 Intermediate reports carry ``search_step`` = seed index x steps per seed + step: a monotone
 clock for ASHA that is comparable across trials (all trials run the same seeds in the same
-order). A failure (any exception: a config problem, CUDA out of memory, a diverged loss) is
-caught and reported as a final result with ``state: error``: the study goes on.
+order). A report taken at the end of the last seed's training (its step count is reached, or
+its wall-clock cap has passed) carries ``last: True``: the scheduler never cuts on it, since
+the final score is moments away. A failure (any exception: a config problem, CUDA out of
+memory, a diverged loss, a non-finite final score) is caught and reported as a final result
+with ``state: error`` and an ``error_kind``: the study goes on.
+
+``mode: eval`` trials re-score saved artifacts with the trial's evaluation settings
+(``score_artifact``), without training. ``confirm: True`` runs extra seeds of a finished trial
+into the same trial folder (``confirm_result.json``).
 """
 
 from __future__ import annotations
@@ -16,13 +23,19 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 TRIAL_RESULT = "trial_result.json"
+CONFIRM_RESULT = "confirm_result.json"
 TIME_ATTR = "search_step"
+
+
+class NonFiniteScore(ValueError):
+    """The run finished but its score is NaN or infinite."""
 
 
 def _error_kind(e: BaseException) -> str:
@@ -31,6 +44,8 @@ def _error_kind(e: BaseException) -> str:
 
     if isinstance(e, TrainingDiverged):
         return "diverged"
+    if isinstance(e, NonFiniteScore) or "non-finite" in str(e).lower() or "not finite" in str(e).lower():
+        return "non_finite"  # also run()'s own check of the reloaded artifact's score
     if "OutOfMemoryError" in type(e).__name__ or "out of memory" in str(e).lower():
         return "out_of_memory"
     if isinstance(e, PgolfError):
@@ -67,6 +82,14 @@ def summarize(results: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     }
 
 
+def check_finite(res: Mapping[str, Any], what: str) -> None:
+    """A result whose val_loss or val_bpb is not finite is a failure, never a score."""
+    for k in ("val_loss", "val_bpb"):
+        v = res.get(k)
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise NonFiniteScore(f"{what}: {k} is {v} (not finite) after reloading the artifact")
+
+
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -83,6 +106,7 @@ def train_trial(config: dict[str, Any]) -> None:
     seeds = [int(s) for s in config["seeds"]]
     per_seed = int(config["steps_per_seed"])
     metric = str(config["metric"])
+    mode = config.get("mode", "train")
     results: list[dict[str, Any]] = []
     clock = 0
     summary: dict[str, Any] = {"number": number, "state": "complete", "final": True, "error": ""}
@@ -90,18 +114,33 @@ def train_trial(config: dict[str, Any]) -> None:
         from pgolf.registry.api.config import stack_from_dict
         from pgolf.registry.run.pipeline import run
 
-        for i, seed in enumerate(seeds):
+        if mode == "eval":
+            results = eval_runs(config, run_dir)
+        for i, seed in enumerate(seeds if mode != "eval" else []):
             rs = stack_from_dict(
                 {**config["stack"], "seed": seed}, source=f"trial {number}", base_dir=run_dir
             )
             out = run_dir / f"seed_{seed}"
             out.mkdir(parents=True, exist_ok=True)
+            cfg = rs.stack.train
+            t_start = time.time()
+            last_seed = i == len(seeds) - 1
 
-            def report(m: Mapping[str, Any], i: int = i, seed: int = seed) -> None:
+            def report(
+                m: Mapping[str, Any],
+                i: int = i,
+                seed: int = seed,
+                t_start: float = t_start,
+                last_seed: bool = last_seed,
+                cfg: Any = cfg,
+            ) -> None:
                 nonlocal clock
                 if m.get("final"):
                     return
                 clock = i * per_seed + int(m["step"])
+                at_end = int(m["step"]) >= cfg.iterations or (
+                    cfg.max_wallclock_seconds > 0 and time.time() - t_start >= cfg.max_wallclock_seconds
+                )
                 tune.report(
                     {
                         TIME_ATTR: clock,
@@ -112,14 +151,18 @@ def train_trial(config: dict[str, Any]) -> None:
                         "objective": m[metric],
                         "state": "running",
                         "final": False,
+                        "last": bool(at_end and last_seed),
                         "number": number,
                     }
                 )
 
-            res = run(rs, out, report=report, console=None, estimate=False)
-            results.append(res.to_dict())
-            clock = max(clock, i * per_seed + res.steps)
+            res = run(rs, out, report=report, console=None, estimate=False).to_dict()
+            check_finite(res, f"seed {seed}")
+            results.append(res)
+            clock = max(clock, i * per_seed + int(res["steps"]))
         summary.update(summarize(results, metric))
+        if not math.isfinite(summary["objective"]):
+            raise NonFiniteScore(f"the mean {metric} is {summary['objective']}")
     except Exception as e:  # every failure is a recorded trial, never a dead study
         summary.update(
             state="error",
@@ -133,8 +176,61 @@ def train_trial(config: dict[str, Any]) -> None:
         _free_cuda()
     summary[TIME_ATTR] = clock
     summary["seeds"] = [r["seed"] for r in results]
-    write_json(run_dir / TRIAL_RESULT, {**summary, "per_seed": results})
+    name = CONFIRM_RESULT if config.get("confirm") else TRIAL_RESULT
+    write_json(run_dir / name, {**summary, "per_seed": results})
     tune.report(summary)
+
+
+def eval_runs(config: Mapping[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+    """Re-score each saved run's artifact with the trial's evaluation settings (no training):
+    the run's own stack with the sampled point applied, through ``score_artifact``."""
+    import yaml
+
+    from pgolf.registry.api.config import stack_from_dict
+    from pgolf.registry.run.pipeline import estimate_artifact_bytes, prepare_data, score_artifact
+    from pgolf.registry.run.runtime import make_runtime, shutdown
+
+    from .space import apply
+    from .spec import _artifact
+
+    out: list[dict[str, Any]] = []
+    for folder in map(Path, config["runs"]):
+        data = apply(yaml.safe_load((folder / "stack.yaml").read_text()), config.get("point") or {})
+        data["train"] = {**data.get("train", {}), "threads": config["stack"]["train"].get("threads")}
+        rs = stack_from_dict(data, source=f"eval of {folder}", base_dir=folder)
+        artifact = _artifact(folder)
+        source = prepare_data(rs.stack)
+        runtime = make_runtime(rs.stack.train)
+        try:
+            t0 = time.perf_counter()
+            ev = score_artifact(rs, artifact, runtime, source)
+        finally:
+            shutdown(runtime)
+        size = artifact.stat().st_size
+        code = estimate_artifact_bytes(rs, model_bytes=size).code_bytes
+        res = {
+            "seed": rs.stack.seed,
+            "val_loss": ev.val_loss,
+            "val_bpb": ev.val_bpb,
+            "model_bytes": size,
+            "code_bytes": code,
+            "artifact_bytes": size + code,
+            "artifact_limit": rs.stack.export.artifact_limit,
+            "fits": size + code <= rs.stack.export.artifact_limit,
+            "params": 0,
+            "steps": 0,
+            "tokens_per_second": ev.tokens / max(ev.seconds, 1e-9),
+            "train_seconds": 0.0,
+            "eval_seconds": time.perf_counter() - t0,
+            "artifact": str(artifact),
+            "eval": rs.stack.eval.model_dump(mode="json"),
+        }
+        check_finite(res, f"re-scoring {artifact}")
+        seed_dir = run_dir / f"seed_{rs.stack.seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        write_json(seed_dir / "eval_result.json", res)
+        out.append(res)
+    return out
 
 
 def _free_cuda() -> None:

@@ -144,7 +144,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Simpl
             time.sleep(0.5)
         before_kill = _trained(ledger)
         mtimes = {
-            n: Path(r["run_dir"], "seed_1337", "result.json").stat().st_mtime_ns
+            n: Path(out, r["run_dir"], "seed_1337", "result.json").stat().st_mtime_ns
             for n, r in before_kill.items()
             if r["state"] == "complete"
         }
@@ -216,7 +216,7 @@ def test_resume_keeps_every_finished_trial_once(study: SimpleNamespace) -> None:
     for n, before in study.before_kill.items():  # finished before the kill: kept as they were
         assert recs[n]["state"] == before["state"] and recs[n].get("val_bpb") == before.get("val_bpb")
     for n, mtime in study.mtimes.items():  # and not re-run
-        assert Path(recs[n]["run_dir"], "seed_1337", "result.json").stat().st_mtime_ns == mtime
+        assert Path(study.dir, recs[n]["run_dir"], "seed_1337", "result.json").stat().st_mtime_ns == mtime
     assert all(r["finished_events"] == 1 for r in recs.values()), "a trial finished twice"
     trained = [r for r in recs.values() if r["state"] in ("complete", "stopped", "error")]
     assert len(trained) == NUM_SAMPLES
@@ -228,7 +228,7 @@ def test_resume_keeps_every_finished_trial_once(study: SimpleNamespace) -> None:
             assert any(o["number"] > n and o["point"] == r["point"] for o in trained)
         else:
             assert r["state"] in ("complete", "error")
-            assert (Path(r["run_dir"]) / "trial_result.json").is_file()
+            assert (study.dir / r["run_dir"] / "trial_result.json").is_file()
     storage = optuna.storages.RDBStorage(f"sqlite:///{study.dir / 'optuna.db'}")
     trials = optuna.load_study(study_name="study", storage=storage).trials
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]

@@ -66,12 +66,13 @@ def test_too_large_sample_is_rejected_and_resampled(runner: Any) -> None:
     assert not (runner.dir / "trials").exists()  # nothing ran
 
 
-def test_estimates_are_cached_per_shape(runner: Any) -> None:
+def test_estimates_are_cached_per_layout(runner: Any) -> None:
     runner.next_config()  # 128 rejected, then 64
-    n = len(runner._estimates)
+    n = len(runner.gate.cache)
     runner.study.enqueue_trial({"model.model_dim": 64, "optim.matrix_lr": 0.05})  # only the lr differs
-    runner.next_config()
-    assert len(runner._estimates) == n
+    cfg = runner.next_config()
+    assert len(runner.gate.cache) == n
+    assert runner.records[cfg["number"]]["estimate"]["method"] == "cached"
 
 
 def test_gives_up_after_max_resample(runner: Any) -> None:
@@ -123,7 +124,9 @@ def test_reconcile_after_the_driver_died(runner: Any, tmp_path: Path) -> None:
     numbers = [runner.next_config()["number"] for _ in range(4)]
     adopt, rerun, told, _ = numbers
     # `adopt` finished (its trial_result.json is there) but the driver died before recording it
-    run_dir = Path(runner.records[adopt]["run_dir"])
+    stored = runner.records[adopt]["run_dir"]
+    assert stored == f"trials/t{adopt:04d}"  # relative to the study: a copied study still finds it
+    run_dir = runner.dir / stored
     run_dir.mkdir(parents=True)
     (run_dir / "trial_result.json").write_text(json.dumps({**_final(2.4), "number": adopt}))
     # `told`: in the ledger as complete, but the driver died before telling Optuna
@@ -149,3 +152,122 @@ def test_reconcile_after_the_driver_died(runner: Any, tmp_path: Path) -> None:
     # the interrupted points are sampled again first, unchanged
     cfg = again.next_config()
     assert cfg is not None and recs[rerun]["point"] == again.records[cfg["number"]]["point"]
+
+
+def test_a_non_finite_final_score_is_a_failed_trial_everywhere(runner: Any) -> None:
+    from pgolf.search.results import load_study, write_all
+
+    n = runner.next_config()["number"]
+    runner.on_result(n, {"state": "running", "final": False, "search_step": 10, "objective": 3.0,
+                         "val_bpb": 3.0, "step": 10})  # fmt: skip
+    nan = float("nan")
+    runner.finish(n, {**_final(nan), "val_loss": nan}, error=False)
+    rec = runner.ledger.records()[n]
+    assert rec["state"] == "error" and rec["error_kind"] == "non_finite" and "not finite" in rec["error"]
+    frozen = _frozen(runner, n)
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs["error_kind"] == "non_finite"
+    assert runner.display.rows[n].val_bpb is None  # the stale intermediate score is not shown as final
+    (runner.dir / "search.yaml").write_text(runner.loaded.resolved_yaml(study_name="study"))
+    study = load_study(runner.dir)
+    row = next(r for r in study.rows if r.number == n)
+    assert row.state == "error" and row.rank is None and study.best() is None
+    write_all(study)
+    csv_row = next(
+        line for line in (runner.dir / "results.csv").read_text().splitlines() if f"t{n:04d}" in line
+    )
+    assert ",error," in csv_row and ",2.5" not in csv_row
+
+
+def test_user_attributes_mark_size_rejections_apart_from_asha_cuts(runner: Any) -> None:
+    a = runner.next_config()["number"]  # t0000 (width 128) was rejected by the size gate
+    b = runner.next_config()["number"]
+    runner.finish(a, _final(2.5, size=365_000), error=False)
+    runner.cut.add(b)
+    runner.finish(
+        b, {"state": "running", "final": False, "search_step": 10, "objective": 3.5, "step": 10}, False
+    )
+    rejected, done, cut = _frozen(runner, 0), _frozen(runner, a), _frozen(runner, b)
+    assert rejected.state == cut.state == TrialState.PRUNED  # Optuna has one state for both...
+    assert (
+        rejected.user_attrs["pruned_by"] == "size_gate" and cut.user_attrs["pruned_by"] == "asha"
+    )  # ...pgolf two
+    assert (
+        rejected.user_attrs["pgolf_state"] == "infeasible" and rejected.user_attrs["estimated_bytes"] > LIMIT
+    )
+    assert rejected.user_attrs["estimate_method"] == "exact"
+    ua = done.user_attrs
+    assert ua["pgolf_state"] == "complete" and ua["artifact_bytes"] == 365_000 and ua["val_bpb"] == 2.5
+    assert ua["fits"] is True and ua["legal"] is True and ua["run_dir"] == f"trials/t{a:04d}"
+
+
+def test_the_watchdog_kills_a_trial_past_its_timeout(runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    from types import SimpleNamespace
+
+    killed: list[Any] = []
+    monkeypatch.setattr(harness.ray, "kill", lambda actor, no_restart: killed.append(actor))
+    runner.timeout = 5.0
+    n = runner.next_config()["number"]
+    trial = SimpleNamespace(
+        status="RUNNING", config={"number": n}, temporary_state=SimpleNamespace(ray_actor="A")
+    )
+    runner.started_at[n] = time.time() - 4
+    runner.check_timeouts([trial])
+    assert not killed
+    runner.started_at[n] = time.time() - 6
+    runner.check_timeouts([trial])
+    runner.check_timeouts([trial])  # killed once
+    assert killed == ["A"]
+    runner.finish(n, None, error=True)  # what Tune reports for the killed actor
+    rec = runner.ledger.records()[n]
+    assert rec["state"] == "timeout" and rec["error_kind"] == "timeout" and "5 s" in rec["error"]
+    assert _frozen(runner, n).state == TrialState.FAIL and runner.trained() == 1
+
+
+def test_a_dead_worker_has_an_error_kind(runner: Any) -> None:
+    n = runner.next_config()["number"]
+    runner.error_detail(n, "ray.exceptions.ActorDiedError: The actor died unexpectedly")
+    runner.finish(n, None, error=True)
+    rec = runner.ledger.records()[n]
+    assert rec["state"] == "error" and rec["error_kind"] == "worker_died" and "ActorDiedError" in rec["error"]
+
+
+def test_default_trial_timeout() -> None:
+    def loaded(**trial: Any) -> Any:
+        return search_from_dict(
+            {
+                "stack": {"base": str(ROOT / "stacks" / "baseline_sp1024.yaml")},
+                "trial": trial,
+                "search": {"seeds": [1, 2]},
+            }
+        )
+
+    assert harness.trial_timeout(loaded()) == 2 * (1.25 * 600 + 900)  # the stack's 600 s cap
+    assert harness.trial_timeout(loaded(max_wallclock_seconds=0)) is None
+    assert harness.trial_timeout(loaded(timeout_seconds=30)) == 30
+    assert harness.trial_timeout(loaded(timeout_seconds=0)) is None
+
+
+def test_resume_counts_an_adopted_trial_once() -> None:
+    from pgolf.search.display import Display
+
+    d = Display(None, total=6, limit=LIMIT, quiet=True)
+    d.finished(3, "complete", 2.5, 360_000)  # reconcile adopts t0003 ...
+    d.resume_from(
+        {n: {"state": "complete", "val_bpb": 2.6, "fits": True} for n in (0, 1, 2, 3)}
+    )  # ...and it is in the ledger
+    assert d.status().startswith("4/6 trained")  # not 5/6
+    d.finished(5, "error", None, None, "boom")  # this session's own trial counts
+    assert d.status().startswith("5/6 trained")
+
+
+def test_storage_password_stays_out_of_the_study_files(tmp_path: Path) -> None:
+    from pgolf.search import storage
+
+    url = "postgresql://golfer:s3cret@db.example:5432/studies"
+    assert storage.redact(url) == "postgresql://golfer:***@db.example:5432/studies"
+    assert storage.redact("postgresql://golfer@db/x") == "postgresql://golfer@db/x"
+    assert "s3cret" not in storage.redact_text(f"could not connect to {url} as golfer:s3cret", url)
+    storage.keep_secret(url, tmp_path)
+    assert (tmp_path / storage.SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    assert storage.resolve_url(storage.redact(url), tmp_path) == url  # --resume finds the real URL

@@ -168,7 +168,7 @@ def test_csv_png_and_best_yaml(study_dir: Path, tmp_path: Path) -> None:
     assert text.startswith("# Best stack of study synthetic") and "t0001" in text
     rs = load_stack(written.best_yaml)  # what `pgolf run` does first
     assert rs.stack.model.num_layers == 3 and "ema" in rs.technique_names()
-    assert rs.stack.train.threads == "auto"  # the trial's cpus are not baked into the best stack
+    assert rs.stack.train.threads == 1  # as the trial ran: `pgolf run` reproduces it bit for bit on CPU
     assert rs.stack.export.artifact_limit == LIMIT
 
 
@@ -262,3 +262,28 @@ def test_live_display_table_and_progress_line() -> None:
     assert "3/4 trained" in d.status() and "best val_bpb 2.5000 (t0002)" in d.status()
     assert "1 infeasible" in d.status()
     assert "t0003" in out and "990,000~" in out and "361,000" in out
+
+
+def test_footer_margin_advice_uses_the_worst_under_estimate(study_dir: Path) -> None:
+    """Errors are +10k, +45k, −50k, +60k, +11k: the margin must cover the +60k under-estimate;
+    the −50k over-estimate (the largest by absolute value) needs no margin."""
+    from pgolf.search.results import footer
+
+    line = next(ln for ln in footer(load_study(study_dir)) if ln.startswith("size estimate error"))
+    assert "worst under-estimate +60,000 bytes" in line and "above 60,000 bytes" in line
+    assert "-50,000" not in line
+
+
+def test_history_plot_and_relative_run_dirs(study_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pgolf.search.results import plot_history
+
+    study = load_study(study_dir)
+    assert plot_history(study, tmp_path / "h.png") == 5  # 4 complete + 1 stopped (the error has no score)
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    moved = shutil.copytree(study_dir, tmp_path / "copied")
+    led = Ledger(moved / "trials.jsonl")
+    led.append({"number": 0, "run_dir": "trials/t0000"})  # as the harness now stores it
+    row = next(r for r in load_study(moved).rows if r.number == 0)
+    assert row.run_path(moved) == moved / "trials" / "t0000"

@@ -116,3 +116,88 @@ def test_cli_registers_the_search_commands() -> None:
         args = parser.parse_args(argv)
         assert callable(args.func)
     assert parser.parse_args(["compare", "a", "b", "--vs", "c"]).a == ["a", "b"]
+
+
+def test_asha_never_cuts_at_the_end_of_training_nor_the_reference_trial() -> None:
+    """tiny_cpu's settings: 60 steps, grace 20, reduction 3: a rung falls on step 60, the last
+    step, where the report of a fully trained trial arrives just before its final score."""
+    from pgolf.search.spec import load_search
+
+    loaded = load_search(ROOT / "searches" / "tiny_cpu.yaml")
+    s = harness.make_scheduler(loaded, harness._steps_per_seed(loaded), None)
+    assert s.set_search_properties("objective", "min")
+    assert 60 in [r for r, _ in s._brackets[0]._rungs]  # the rung is there...
+    good, weak, ref = (
+        FakeTrial("good", {"number": 0}),
+        FakeTrial("weak", {"number": 1}),
+        FakeTrial("ref", {"number": 2, "protect": True}),
+    )
+    for t in (good, weak, ref):
+        s.on_trial_add(None, t)
+    assert s.on_trial_result(None, good, _res(20, 2.0)) == CONTINUE
+    assert s.on_trial_result(None, good, _res(60, 1.5, last=True)) == CONTINUE
+    assert s.on_trial_result(None, weak, _res(20, 1.9)) == CONTINUE
+    # ...but the report at step 60 of a trial that has finished training is never cut there
+    assert s.on_trial_result(None, weak, _res(60, 3.0, last=True)) == CONTINUE
+    # the reference (start_with) trial is never cut, whatever the timing
+    assert s.on_trial_result(None, ref, _res(20, 9.0)) == CONTINUE
+    assert s.on_trial_result(None, ref, _res(60, 9.0)) == CONTINUE
+    # an ordinary report at a rung is still cut
+    other = FakeTrial("other", {"number": 3})
+    s.on_trial_add(None, other)
+    assert s.on_trial_result(None, other, _res(20, 9.0)) == STOP
+
+
+def test_trainable_marks_the_report_at_the_end_of_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_dir: Path
+) -> None:
+    """Run the trainable in-process (Tune's report captured): the validation at the last step is
+    flagged ``last``; a run whose reloaded artifact scores NaN is an error of kind non_finite."""
+    import json
+
+    from ray import tune
+
+    from pgolf.search import trainable
+
+    poison = tmp_path / "poison.py"
+    poison.write_text(
+        "import torch\nfrom pgolf.registry import Params, Technique, hook, register\n\n\n"
+        "@register('poison')\nclass Poison(Technique):\n    '''NaN weights after training (tests).'''\n\n"
+        "    @hook\n    def finalize(self, model):\n        with torch.no_grad():\n"
+        "            for p in model.parameters():\n                p.fill_(float('nan'))\n"
+    )
+    reports: list[dict[str, Any]] = []
+    monkeypatch.setattr(tune, "report", lambda m, **kw: reports.append(dict(m)))
+    stack = {
+        **TINY_STACK,
+        "model": {"num_layers": 1, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1},
+        "train": {
+            "train_seq_len": 32,
+            "train_batch_tokens": 256,
+            "micro_batch_tokens": 256,
+            "iterations": 4,
+            "max_wallclock_seconds": 0,
+            "warmup_steps": 0,
+            "warmdown_iters": 2,
+            "val_loss_every": 2,
+            "threads": 1,
+        },
+        "eval": {"batch_tokens": 2048},
+        "data": {"cache_dir": str(cache_dir)},
+    }
+    from pgolf.registry.api.config import stack_from_dict
+
+    cfg = {"number": 0, "stack": stack_from_dict(stack).to_dict(), "run_dir": str(tmp_path / "t0"),
+           "seeds": [1337], "steps_per_seed": 4, "metric": "val_bpb"}  # fmt: skip
+    trainable.train_trial(cfg)
+    steps = [(r["step"], r["last"]) for r in reports if not r.get("final")]
+    assert steps == [(2, False), (4, True)]
+    assert reports[-1]["final"] and reports[-1]["state"] == "complete"
+    reports.clear()
+    bad = {**stack, "plugins": [str(poison)], "techniques": {"poison": {}}}
+    cfg = {**cfg, "number": 1, "stack": stack_from_dict(bad).to_dict(), "run_dir": str(tmp_path / "t1")}
+    trainable.train_trial(cfg)
+    final = reports[-1]
+    assert final["state"] == "error" and final["error_kind"] == "non_finite", final
+    saved = json.loads((tmp_path / "t1" / "trial_result.json").read_text())
+    assert saved["state"] == "error" and saved["error_kind"] == "non_finite"

@@ -179,3 +179,27 @@ def test_example_searches_validate(name: str) -> None:
         assert s.spec.trial.gpus == 0 and s.spec.search.max_concurrent == 2
     else:
         assert s.spec.trial.gpus == 1 and s.spec.constraint.artifact_bytes == 16_000_000
+
+
+def test_a_number_yaml_reads_as_text_gets_one_error_with_a_hint(tmp_path: Path) -> None:
+    """`1.0e6` and `1e-3` are strings to YAML 1.1: one error for the entry, with the fix, and no
+    'not a space key' echo from every start point that names it."""
+    text = f"""
+stack: {{base: {BASELINE}}}
+space:
+  optim.matrix_lr: {{logfloat: [1e-3, 1.0e-1]}}
+  model.num_layers: {{int: [1, 3]}}
+search:
+  start_with:
+    - {{optim.matrix_lr: 0.01, model.num_layers: 2}}
+    - {{optim.matrix_lr: 0.02}}
+    - {{optim.matrix_lr: 0.03}}
+"""
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_search(path)
+    problems = ei.value.problems
+    assert len(problems) == 1, problems
+    key, msg = problems[0]
+    assert key == "space.optim.matrix_lr.logfloat" and "'1e-3' is text to YAML" in msg and "0.001" in msg

@@ -190,14 +190,19 @@ def surrogate_weights_(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
 
 
-def estimate_artifact_bytes(rs: ResolvedStack, *, margin: int = 0) -> SizeEstimate:
-    """Artifact size of a stack before any training, with its real export path (CPU, seconds)."""
+def estimate_artifact_bytes(
+    rs: ResolvedStack, *, margin: int = 0, model_bytes: int | None = None
+) -> SizeEstimate:
+    """Artifact size of a stack before any training, with its real export path (CPU, seconds).
+    ``model_bytes``: the compressed model's size when the caller already knows it (an artifact
+    on disk, or an earlier estimate of the same model layout and export settings): then only
+    the counted code is measured (milliseconds)."""
     t0 = time.perf_counter()
-    seed_everything(rs.stack.seed)
     techniques = [r.instantiate(rs.spec) for r in rs.techniques]
-    model = build(rs, techniques, torch.device("cpu"))
-    surrogate_weights_(model, rs.stack.seed)
-    model_bytes = len(export_bytes(model, techniques))
+    if model_bytes is None:
+        model = build(rs, techniques, torch.device("cpu"))
+        surrogate_weights_(model, rs.stack.seed)
+        model_bytes = len(export_bytes(model, techniques))
     code = code_bytes(techniques, default_corpus=rs.stack.data.path is None)
     return SizeEstimate(
         model_bytes, code.bytes, margin, rs.stack.export.artifact_limit, time.perf_counter() - t0
