@@ -219,6 +219,7 @@ class StudyRunner:
         self.to_launch = self.spec.search.num_samples
         self._data_checked: set[str] = set()
         self.sizing_seconds = 0.0  # driver time spent deciding sizes (not the parallel jobs)
+        self.stop: StopSignal | None = None
         self.display = Display(console, total=self.spec.search.num_samples, limit=self.limit, quiet=quiet)
 
     # -- Optuna ----------------------------------------------------------------------------------
@@ -662,6 +663,8 @@ class StudyRunner:
             self._tell(number, TrialState.FAIL)
 
     def error_detail(self, number: int, message: str) -> None:
+        if number in self.timed_out:  # Ray's "killed by ray.kill" says less than the timeout does
+            return
         self.ledger.append({"number": number, "error": message})
         self.records.setdefault(number, {})["error"] = message
 
@@ -840,6 +843,8 @@ class _DriverCallback(_Detached, tune.Callback):
         self.runner = runner
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.runner.stop is not None:
+            self.runner.stop.chain_tune()
         self.runner.pump()  # keep estimates going while every trial slot is busy
         self.runner.check_timeouts(trials)
 
@@ -1034,20 +1039,38 @@ def _concurrency(loaded: LoadedSearch) -> int:
 
 
 class StopSignal:
-    """SIGINT / SIGTERM while the study runs: remember which, and let Ray Tune stop gracefully
-    (Tune handles SIGINT by finishing its step and returning; SIGTERM is turned into that)."""
+    """SIGINT / SIGTERM while the study runs: remember which, and let Ray Tune stop gracefully.
+    Inside ``Tuner.fit`` Tune's own SIGINT handler finishes the step and returns; this wraps it
+    (:meth:`chain_tune`, from the first controller step) to note the signal, and turns SIGTERM
+    into that SIGINT. Outside fit a signal raises KeyboardInterrupt."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._old: dict[int, Any] = {}
+        self._tune: Any = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         first = self.received is None
         self.received = self.received or signum
         if signum == signal.SIGTERM and first:
-            os.kill(os.getpid(), signal.SIGINT)  # Tune's own graceful stop
-        elif signum == signal.SIGINT and first:
+            os.kill(os.getpid(), signal.SIGINT)  # Tune's own graceful stop (or KeyboardInterrupt)
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
+
+    def chain_tune(self) -> None:
+        """Wrap the SIGINT handler Tune installed for this fit (once per fit)."""
+        current = signal.getsignal(signal.SIGINT)
+        if current in (self._handler, self._wrapped) or not callable(current):
+            return
+        self._tune = current
+        signal.signal(signal.SIGINT, self._wrapped)
+
+    def _wrapped(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+        tune_handler, self._tune = self._tune, None
+        signal.signal(signal.SIGINT, self._handler)  # a second Ctrl-C stops at once
+        if callable(tune_handler):
+            tune_handler(signum, frame)
 
     def install(self) -> None:
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -1248,6 +1271,7 @@ def _run_search(
     else:
         prepare_data(loaded.base.stack)  # build or check the data once, before any trial
     stop = StopSignal()
+    runner.stop = stop
     with (
         _driver_messages_to(study_dir / RAY_DIR / "driver_messages.log"),
         ray_session(study_dir, address),

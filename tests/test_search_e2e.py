@@ -324,3 +324,50 @@ def test_repeat_then_compare(corpus_cache: Path, tmp_path: Path, capsys: pytest.
     assert rc in (0, 1) and "Welch one-sided" in capsys.readouterr().out
     d = json.loads((tmp_path / "c.json").read_text())
     assert d["n_a"] == 2 and d["n_b"] == 2 and d["mean_a"] < d["mean_b"]  # training beats lr 0
+
+
+def test_optuna_dashboard_lists_the_trials_with_pgolf_attributes(study: SimpleNamespace) -> None:
+    """The documented set-up: `optuna-dashboard sqlite:///STUDY/optuna.db` on loopback; its API
+    lists every trial, with bytes and val_bpb, and tells size rejections from ASHA cuts."""
+    import shutil
+    import socket
+    import urllib.request
+
+    exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
+    if not Path(exe).is_file():
+        pytest.skip("optuna-dashboard is not installed (it is in pgolf's dev extra)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [exe, f"sqlite:///{study.dir / 'optuna.db'}", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                studies = json.loads(urllib.request.urlopen(f"{url}/api/studies", timeout=5).read())[
+                    "studies"
+                ]
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "optuna-dashboard did not start"
+                time.sleep(0.5)
+        sid = next(s["study_id"] for s in studies if s["study_name"] == "study")
+        detail = json.loads(urllib.request.urlopen(f"{url}/api/studies/{sid}", timeout=10).read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    trials = {t["number"]: t for t in detail["trials"]}
+    recs = study.ledger.records()
+    assert set(trials) == set(recs)
+    for n, rec in recs.items():
+        attrs = {a["key"]: a["value"] for a in trials[n]["user_attrs"]}
+        assert attrs["pgolf_state"] == rec["state"], (n, attrs)
+        if rec["state"] == "complete":
+            assert "artifact_bytes" in attrs and "val_bpb" in attrs and attrs["run_dir"] == f"trials/t{n:04d}"
+        if rec["state"] == "infeasible":
+            assert attrs["pruned_by"] == "size_gate" and "estimated_bytes" in attrs
