@@ -305,7 +305,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--importance",
         action="store_true",
-        help="Optuna's parameter importance (fANOVA) over complete trials",
+        help="Optuna's parameter importance over the complete trials",
     )
     p.set_defaults(func=cmd_results)
 

@@ -605,7 +605,9 @@ def _reference(study: Study) -> int | None:
 
 
 def importance_lines(study: Study) -> list[str]:
-    """Optuna's parameter importance (its default evaluator, fANOVA) over the complete trials."""
+    """Optuna's parameter importance (its default evaluator) over the complete trials."""
+    import warnings
+
     import optuna
 
     from .storage import open_storage, resolve_url
@@ -621,10 +623,12 @@ def importance_lines(study: Study) -> list[str]:
         return [f"parameter importance: needs at least 2 complete trials (have {len(done)})"]
     target = (lambda t: t.values[0]) if len(st.directions) > 1 else None
     try:
-        imp = optuna.importance.get_param_importances(st, target=target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            imp = optuna.importance.get_param_importances(st, target=target)
     except (RuntimeError, ValueError) as e:
         return [f"parameter importance: not available ({e})"]
-    lines = [f"parameter importance for {study.metric} (fANOVA over {len(done)} complete trials; "
+    lines = [f"parameter importance for {study.metric} (Optuna's default evaluator over {len(done)} complete trials; "
              "parameters present in every one of them):"]  # fmt: skip
     lines += [f"  {k:<40} {v:.3f}" for k, v in imp.items()]
     return lines
