@@ -251,10 +251,10 @@ def test_results_files_and_best_stack_runs(study: SimpleNamespace) -> None:
     )
     assert best["name"].endswith(f"t{best_rec['number']:04d}")
     out = study.work / "best_run"
-    # the trial ran on one torch thread (trial.cpus = 1); the best stack leaves threads to torch
-    r = pgolf(
-        "run", str(study.dir / "best_stack.yaml"), "--out", str(out), "--quiet", "--set", "train.threads=1"
-    )
+    # the best stack keeps what the trial ran with (one torch thread: trial.cpus = 1), so a plain
+    # `pgolf run` reproduces it bit for bit on CPU
+    assert best["train"]["threads"] == 1
+    r = pgolf("run", str(study.dir / "best_stack.yaml"), "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["artifact_bytes"] <= LIMIT
@@ -286,6 +286,7 @@ def test_a_trial_whose_process_dies_is_recorded(corpus_cache: Path, tmp_path: Pa
     assert "raylet" not in r.stdout and "Worker exit" not in r.stdout  # Ray's message went to a log file
     recs = Ledger(tmp_path / "study" / "trials.jsonl").records()
     assert recs[0]["state"] == "error" and "worker process has died" in recs[0]["error"]
+    assert recs[0]["error_kind"] == "worker_died"
     assert recs[1]["state"] == "complete"
     assert "worker" in (tmp_path / "study" / "ray" / "driver_messages.log").read_text().lower()
 
