@@ -39,13 +39,16 @@ class NonFiniteScore(ValueError):
 
 
 def _error_kind(e: BaseException) -> str:
-    from pgolf.registry.api.errors import PgolfError
+    from pgolf.registry.api.errors import PgolfError, RunFailed
     from pgolf.registry.run.train import TrainingDiverged
 
     if isinstance(e, TrainingDiverged):
         return "diverged"
-    if isinstance(e, NonFiniteScore) or "non-finite" in str(e).lower() or "not finite" in str(e).lower():
-        return "non_finite"  # also run()'s own check of the reloaded artifact's score
+    if isinstance(e, NonFiniteScore):
+        return "non_finite"
+    if isinstance(e, RunFailed):  # run()'s own check of the reloaded artifact's score
+        msg = str(e).lower()
+        return "non_finite" if ("nan" in msg or "inf" in msg or "finite" in msg) else "no_valid_result"
     if "OutOfMemoryError" in type(e).__name__ or "out of memory" in str(e).lower():
         return "out_of_memory"
     if isinstance(e, PgolfError):
@@ -90,9 +93,20 @@ def check_finite(res: Mapping[str, Any], what: str) -> None:
             raise NonFiniteScore(f"{what}: {k} is {v} (not finite) after reloading the artifact")
 
 
+def _strict(v: Any) -> Any:
+    """JSON without NaN/inf (they become null): results are strict JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Mapping):
+        return {str(k): _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return v
+
+
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
