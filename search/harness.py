@@ -267,7 +267,7 @@ class StudyRunner:
             return
         for k, v in attrs.items():
             v = _clean(v)
-            if v is not None or k in ("error_kind",):
+            if v is not None:
                 self.storage.set_trial_user_attr(tid, k, v)
 
     def _attrs_of(self, rec: Mapping[str, Any]) -> dict[str, Any]:

@@ -339,7 +339,9 @@ def _check_values(dim: Dim, adapter: TypeAdapter[Any], problems: list[tuple[str,
             adapter.validate_python(v)
         except ValidationError as e:
             msg = e.errors()[0]["msg"]
-            problems.append((f"space.{dim.key}", f"value {v!r} is not valid for this key: {msg}"))
+            problems.append(
+                (f"space.{dim.key}", f"value {v!r} is not valid for this key: {msg}" + yaml_number_hint(v))
+            )
 
 
 def check_dims(dims: Sequence[Dim], base_techniques: Iterable[str]) -> list[tuple[str, str]]:

@@ -327,9 +327,9 @@ def test_repeat_then_compare(corpus_cache: Path, tmp_path: Path, capsys: pytest.
     assert d["n_a"] == 2 and d["n_b"] == 2 and d["mean_a"] < d["mean_b"]  # training beats lr 0
 
 
-def test_optuna_dashboard_lists_the_trials_with_pgolf_attributes(study: SimpleNamespace) -> None:
-    """The documented set-up: `optuna-dashboard sqlite:///STUDY/optuna.db` on loopback; its API
-    lists every trial, with bytes and val_bpb, and tells size rejections from ASHA cuts."""
+def dashboard_trials(storage_url: str, study_name: str) -> dict[int, dict[str, Any]]:
+    """Start optuna-dashboard on loopback against ``storage_url`` and read the study's trials back
+    from its API: {number: {"state": ..., "user_attrs": {key: value}}}."""
     import shutil
     import socket
     import urllib.request
@@ -342,7 +342,7 @@ def test_optuna_dashboard_lists_the_trials_with_pgolf_attributes(study: SimpleNa
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [exe, f"sqlite:///{study.dir / 'optuna.db'}", "--host", "127.0.0.1", "--port", str(port)],
+        [exe, storage_url, "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -350,23 +350,31 @@ def test_optuna_dashboard_lists_the_trials_with_pgolf_attributes(study: SimpleNa
         deadline = time.time() + 60
         while True:
             try:
-                studies = json.loads(urllib.request.urlopen(f"{url}/api/studies", timeout=5).read())[
-                    "studies"
-                ]
+                body = json.loads(urllib.request.urlopen(f"{url}/api/studies", timeout=5).read())
+                studies = body["study_summaries"]
                 break
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, "optuna-dashboard did not start"
                 time.sleep(0.5)
-        sid = next(s["study_id"] for s in studies if s["study_name"] == "study")
+        sid = next(s["study_id"] for s in studies if s["study_name"] == study_name)
         detail = json.loads(urllib.request.urlopen(f"{url}/api/studies/{sid}", timeout=10).read())
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    trials = {t["number"]: t for t in detail["trials"]}
+    return {
+        t["number"]: {"state": t["state"], "user_attrs": {a["key"]: a["value"] for a in t["user_attrs"]}}
+        for t in detail["trials"]
+    }
+
+
+def test_optuna_dashboard_lists_the_trials_with_pgolf_attributes(study: SimpleNamespace) -> None:
+    """The documented set-up: `optuna-dashboard sqlite:///STUDY/optuna.db` on loopback; its API
+    lists every trial, with bytes and val_bpb, and tells size rejections from ASHA cuts."""
+    trials = dashboard_trials(f"sqlite:///{study.dir / 'optuna.db'}", "study")
     recs = study.ledger.records()
     assert set(trials) == set(recs)
     for n, rec in recs.items():
-        attrs = {a["key"]: a["value"] for a in trials[n]["user_attrs"]}
+        attrs = trials[n]["user_attrs"]
         assert attrs["pgolf_state"] == rec["state"], (n, attrs)
         if rec["state"] == "complete":
             assert "artifact_bytes" in attrs and "val_bpb" in attrs and attrs["run_dir"] == f"trials/t{n:04d}"

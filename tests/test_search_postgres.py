@@ -154,3 +154,10 @@ def test_study_on_postgres_survives_kill_and_resume(
         for t in study.trials
         if t.number in done
     )
+    # and optuna-dashboard, pointed at the database, lists them with bytes and val_bpb
+    from test_search_e2e import dashboard_trials
+
+    shown = dashboard_trials(postgres_url, "study")
+    assert set(shown) == {t.number for t in study.trials}
+    for n in done:
+        assert {"artifact_bytes", "val_bpb", "pgolf_state"} <= set(shown[n]["user_attrs"])
