@@ -738,6 +738,7 @@ class StudyRunner:
                 }
                 self.ledger.append(ev)
                 self.records[t.number] = {**ev, "finished_events": 1}
+                self.storage.set_trial_user_attr(t._trial_id, "pgolf_state", "interrupted")
                 self.study.tell(t.number, state=TrialState.FAIL)
         return notes
 

@@ -143,6 +143,7 @@ def test_reconcile_after_the_driver_died(runner: Any, tmp_path: Path) -> None:
     assert recs[rerun]["state"] == "interrupted" and recs[numbers[3]]["state"] == "interrupted"
     assert recs[told]["state"] == "complete"
     assert recs[orphan]["state"] == "interrupted"
+    assert again.study.get_trials(deepcopy=False)[orphan].user_attrs["pgolf_state"] == "interrupted"
     assert all(r["finished_events"] == 1 for r in recs.values())
     frozen = again.study.get_trials(deepcopy=False)
     assert not [t for t in frozen if t.state == TrialState.RUNNING]
