@@ -176,6 +176,12 @@ class Sample:
     layout: sizing.Layout | None = None
     est: sizing.Estimate | None = None
 
+    @property
+    def fixed(self) -> bool:
+        """A queued point (search.start_with, or re-queued on resume): launched before any
+        freshly sampled one, whatever order the parallel estimates finish in."""
+        return "fixed_params" in self.ot.storage.get_trial_system_attrs(self.ot._trial_id)
+
 
 class StudyRunner:
     """Everything the driver does around Ray Tune, for one study folder."""
@@ -420,7 +426,7 @@ class StudyRunner:
         with at most that many estimates in flight."""
         self._collect(wait)
         workers = max(1, self.spec.search.size_workers)
-        want = min(self.to_launch, workers if isinstance(self.sizer, sizing.RayRunner) else 1)
+        want = min(self.to_launch, workers if self.sizer.parallel else 1)
         while not self.gave_up and len(self.ready) < want and len(self.pending) < workers:
             if self.rejected_in_a_row >= self.spec.search.max_resample:
                 self.gave_up = True
@@ -436,9 +442,10 @@ class StudyRunner:
         deadline = time.perf_counter() + wait
         while True:
             self.pump()
-            if self.ready:
+            smp = self._next_ready()
+            if smp is not None:
                 self.to_launch -= 1
-                return self._launch(self.ready.popleft())
+                return self._launch(smp)
             if not self.pending:
                 if self.gave_up or self.rejected_in_a_row >= self.spec.search.max_resample:
                     self.gave_up = True
@@ -448,6 +455,21 @@ class StudyRunner:
             if left <= 0:
                 return NOT_READY
             self._collect(min(left, 0.5))
+
+    def _next_ready(self) -> Sample | None:
+        """The sample to launch: queued points first, in order; a fresh sample waits while a
+        queued point is still being sized (so that it cannot take the queued point's place)."""
+        if not self.ready:
+            return None
+        fixed = [s for s in self.ready if s.fixed]
+        if fixed:
+            pick = min(fixed, key=lambda s: s.ot.number)
+        elif any(s.fixed for s in self.pending.values()):
+            return None
+        else:
+            pick = min(self.ready, key=lambda s: s.ot.number)
+        self.ready.remove(pick)
+        return pick
 
     def _reject(
         self,

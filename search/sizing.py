@@ -362,6 +362,8 @@ class SizeGate:
 class InlineRunner:
     """Runs each job in the calling process, at once (``workers: 0``)."""
 
+    parallel = False  # the driver sizes one sample ahead, not several
+
     def __init__(self) -> None:
         self._done: list[tuple[Job, dict[str, Any] | BaseException]] = []
 
@@ -389,6 +391,8 @@ class InlineRunner:
 class RayRunner:
     """Runs jobs as Ray tasks, at most ``workers`` at once. A task reserves no CPU (it uses one
     torch thread), so estimates never queue behind trials that hold every CPU of a node."""
+
+    parallel = True
 
     def __init__(self, workers: int):
         import ray

@@ -272,3 +272,37 @@ def test_storage_password_stays_out_of_the_study_files(tmp_path: Path) -> None:
     storage.keep_secret(url, tmp_path)
     assert (tmp_path / storage.SECRET_FILE).stat().st_mode & 0o777 == 0o600
     assert storage.resolve_url(storage.redact(url), tmp_path) == url  # --resume finds the real URL
+
+
+def test_a_queued_point_is_launched_first_whatever_order_estimates_finish_in(runner: Any) -> None:
+    """Estimates run in parallel: a fresh sample sized before the queued (start_with) point must
+    not take its place."""
+    from pgolf.search import sizing
+
+    class Slow(sizing.InlineRunner):  # parallel, finishing jobs only when told, newest first
+        parallel = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.held: list[Any] = []
+            self.release = False
+
+        def submit(self, job: Any) -> None:
+            self.held.append(job)
+
+        def poll(self, timeout: float = 0.0) -> list[Any]:
+            if not self.release:
+                return []
+            out = [(j, sizing.compute(j.stack, j.base_dir)) for j in reversed(self.held)]
+            self.held = []
+            return out
+
+    runner.spec = runner.spec.model_copy(
+        update={"search": runner.spec.search.model_copy(update={"size_workers": 3})}
+    )
+    runner.attach_sizer(Slow())
+    assert runner.next_config() is harness.NOT_READY  # 0 (128), 1 (64, queued) and a fresh one in flight
+    runner.sizer.release = True
+    cfg = runner.next_config()
+    assert cfg is not None and cfg["number"] == 1  # the queued point, though the fresh one finished first
+    assert runner.records[0]["state"] == "infeasible"
