@@ -21,7 +21,10 @@ with width and MLP size. A trained input feature, not an evaluation-time cache: 
 Evidence (records, 8×H100): buckets 4096→8192 −0.0012 BPB, 8192→10240 −0.0008
 (``R/2026-03-20_10L_Int5MLP…``); 2048→3072 −0.0009 (``R/2026-03-23…``). Not yet measured with pgolf.
 
-Roles: T ``embedding`` (Adam at the embedding lr), P ``matrix`` (Muon), s ``scalar``.
+Roles (kinds): T ``embedding`` (embed; Adam at the embedding lr), P ``matrix`` (other; Muon),
+s ``scalar`` (control).
+
+Site: the ``embed`` chain.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from pgolf.registry import Params, Role, Technique, hook, register, set_role
+from pgolf.registry import Ctx, Kind, Params, Role, Technique, hook, register, set_role
 
 
 class BigramHashParams(Params):
@@ -60,12 +63,12 @@ class BigramHashEmbedding(nn.Module):
         self.scale = nn.Parameter(torch.tensor(float(p.scale_init)))
         nn.init.zeros_(self.table.weight)
         nn.init.orthogonal_(self.proj.weight)
-        set_role(self.table.weight, Role.EMBEDDING)
-        set_role(self.proj.weight, Role.MATRIX)
+        set_role(self.table.weight, Role.EMBEDDING, Kind.EMBED)
+        set_role(self.proj.weight, Role.MATRIX, Kind.OTHER)
         set_role(self.scale, Role.SCALAR)
 
-    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
-        extra = self.proj(self.table(bigram_hash(idx, self.buckets)))
+    def forward(self, x: Tensor, ctx: Ctx) -> Tensor:
+        extra = self.proj(self.table(bigram_hash(ctx.idx, self.buckets)))
         return x + self.scale.to(extra.dtype) * extra.to(x.dtype)
 
 

@@ -7,6 +7,8 @@ Why: averaging over the warmdown smooths the last updates' noise and lands in a 
 which also quantizes better.
 Source: parameter-golf ``R/2026-03-20_11L_XSA4_EMA_Int6_MLP3x_WD04`` (β = 0.997, replacing
 SWA), β = 0.9965 from ``R/2026-04-09``.
+Sites: the ``on_train_start``, ``on_step`` and ``finalize`` events.
+
 Interactions: an alternative to SWA for the final weights; its gain only shows at the end of
 training (``gain_at_end``), so a search must not stop such trials early on intermediate scores.
 Evidence (records, 8×H100): −0.0006 BPB (``R/2026-03-22``); with XSA-4 1.1318 → 1.1271.
@@ -55,7 +57,7 @@ class EMA(Technique):
         self.updates = 0
 
     @hook
-    def on_step_end(self, model: nn.Module) -> None:
+    def on_step(self, model: nn.Module) -> None:
         named = dict(model.named_parameters())
         names = list(self.shadow)
         ema_update_([self.shadow[n] for n in names], [named[n] for n in names], self.params.decay)

@@ -3,7 +3,7 @@
 What: MLP(x) = W_down φ(W_up x) with φ(u) = (max(u, s·u))²; s = 0 is the baseline's relu².
 Why: keeps a (small, squared) gradient for negative pre-activations, so fewer hidden units die.
 Source: parameter-golf PR #493, ``R/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon`` (s = 0.5).
-Interactions: fills the MLP-activation slot of its layers (two activation techniques may not
+Interactions: fills the ``mlp_act`` slot of its layers (two activation techniques may not
 share a layer); a fused Triton up-projection + activation kernel appears in ``R/2026-04-10``.
 Evidence (records, 8×H100): −0.0021 BPB post-TTT in the seed-1337 ablation, "−0.003" quoted
 from PR #493; negligible in one non-record study. Not yet measured with pgolf.

@@ -11,6 +11,9 @@ direction makes the layer spend its output on context (arXiv:2603.09078).
 Source: arXiv:2603.09078; parameter-golf ``R/2026-03-20_11L_EfficientPartialXSA_FA3_SWA120``
 (last 3 layers), ``R/2026-03-20_11L_XSA4_EMA…`` (last 4), all layers from ``R/2026-03-25``.
 
+Site: the ``attn_out`` chain of its layers (physical indices; on a looped stack every pass of a
+selected layer gets it).
+
 Interactions: acts on the values after any value-side technique; order in the records is
 attention → XSA → output gate → output projection. On looped (depth-recurrent) stacks XSA on
 every pass was slightly worse.
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from pgolf.registry import Layers, LayerSelector, Params, Technique, hook, register
+from pgolf.registry import Ctx, Layers, LayerSelector, Params, Technique, hook, register
 
 
 class XSAParams(Params):
@@ -42,8 +45,9 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
 
 
 class XSAModule(nn.Module):
-    def forward(self, y: Tensor, v: Tensor) -> Tensor:
-        return xsa(y, v)
+    def forward(self, y: Tensor, ctx: Ctx) -> Tensor:
+        assert ctx.v is not None
+        return xsa(y, ctx.v)
 
 
 @register("xsa")

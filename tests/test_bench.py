@@ -111,7 +111,7 @@ def test_bench_writes_a_results_file_with_every_figure(
     ex = r["export"]
     assert ex["compressed_bytes"] > 0 and ex["packed_bytes"] > 0
     assert ex["seconds"] == pytest.approx(ex["quantize_pack_seconds"] + ex["compress_seconds"])
-    assert (ex["quantizer"], ex["codec"]) == ("int8_rowwise", "zlib")
+    assert (ex["quantizers"], ex["codec"]) == (["int8_rowwise"], "zlib")
 
     b = r["breakdown"]
     check_breakdown(b)
@@ -202,9 +202,9 @@ def test_instrumentation_leaves_the_trainer_as_it_was(cache_dir: Path) -> None:
     rs = stack_from_dict(tiny(cache_dir))
     src = prepare_data(rs.stack)
     rt = make_runtime(rs.stack.train)
-    techniques = [r.instantiate(rs.spec) for r in rs.techniques]
-    model = build(rs, techniques, rt.device, rt.attention)
-    trainer = Trainer(model, techniques, rs.stack, rt, data.DistributedTokenLoader(src.train, 0, 1))
+    b = build(rs, rt.device, rt.attention)
+    model = b.model
+    trainer = Trainer(model, b.sites, rs.stack, rt, data.DistributedTokenLoader(src.train, 0, 1))
     with B.instrument(trainer, torch.device("cpu"), modules=True):
         assert "next_batch" in vars(trainer.loader)
         assert any(m._forward_pre_hooks for _, _, m in B.sublayers(model))

@@ -197,7 +197,7 @@ def bad_cases(tmp_path: Path, cache_dir: Path) -> dict[str, tuple[list[str], str
         "wrong type": (["run", stack("t3", model={"num_layers": "deep"})], "model.num_layers"),
         "out of range": (["run", stack("t4", optim={"matrix_lr": -1})], "optim.matrix_lr"),
         "conflicting techniques": (["run", stack("t5", techniques={"brotli": {}, "zlib": {}})],
-                                   "both fill the exclusive 'codec' slot"),
+                                   "both fill the slot 'codec'"),
         "missing data path": (["run", stack("t6", data={"path": str(tmp_path / "nowhere"),
                                                          "tokenizer": str(SP1024)})], "data.path"),
         "bad shard header": (["run", stack("t7", data={"path": str(bad_shards), "tokenizer": str(SP1024)})],
@@ -353,14 +353,16 @@ def test_techniques_output_reads_like_yaml_and_never_splits_a_value() -> None:
 
     listing = pgolf("techniques")
     row = next(line for line in listing.splitlines() if line.startswith("int8_rowwise"))
-    assert "clip_percentile=99.99984, keep_float_max_numel=65536, keep_float_dtype=fp16" in row
+    assert "clip_percentile=99.99984, scope=all" in row
     assert "layers=last(4)" in listing and "layers=all" in listing
     xsa = pgolf("techniques", "xsa")
     assert "  layers: last(4)  layers that get XSA; layers: all, none, last(N)" in xsa
     assert "Validator" not in xsa and "Serializer" not in xsa and "<" not in xsa.split("params", 1)[1]
     int8 = pgolf("techniques", "int8_rowwise")
-    assert "keep_float_dtype: fp16  dtype of small tensors; one of fp16, bf16, fp32" in int8
-    assert "clip_percentile: 99.99984  per-row clip percentile of |w|; > 50; <= 100" in int8
+    assert "scope: all  kinds/roles it claims" in int8
+    assert "clip_percentile: 99.99984  clip percentile of |w|; > 50; <= 100" in int8
+    temperature = pgolf("techniques", "temperature")
+    assert "mode: fixed  fixed T, or fitted on scored tokens; one of fixed, fitted" in temperature
 
 
 def test_quickstart_is_capped_by_steps() -> None:
@@ -416,3 +418,110 @@ def test_search_with_nothing_trainable_exits_nonzero(
     assert capsys.readouterr().err.startswith("error: no trial was trained")
     summary["trained"] = 1  # one trial trained: a normal end
     assert main(["search", str(f), "--out", str(tmp_path / "study2"), "--quiet"]) == 0
+
+
+# -- pgolf check: a dry build on the meta device catches site problems before training ------------
+
+LOCAL_PLUGIN = '''
+"""Local test techniques filling a slot per layer, a chain, and a model with a broken module."""
+
+import torch
+from torch import nn
+
+from pgolf.registry import Ctx, Params, Role, Technique, hook, register, set_role
+
+
+class GainNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.g = set_role(nn.Parameter(torch.ones(dim)), Role.SCALAR)
+
+    def forward(self, x, ctx: Ctx):
+        return nn.functional.rms_norm(x, (x.size(-1),)) * self.g
+
+
+@register("gain_norm_{tag}")
+class GainNormA(Technique):
+    """RMSNorm with a learned gain on every layer."""
+
+    @hook
+    def norm(self, layer):
+        return GainNorm(self.spec.model_dim)
+
+
+@register("gain_norm_{tag}_b")
+class GainNormB(Technique):
+    """The same norm again, on layer 0 only."""
+
+    @hook
+    def norm(self, layer):
+        return GainNorm(self.spec.model_dim) if layer == 0 else None
+
+
+class TwoArgs(nn.Module):
+    def forward(self, y, v, extra):
+        return y
+
+
+@register("broken_gate_{tag}")
+class BrokenGate(Technique):
+    """An attention-output module whose forward does not match the site."""
+
+    @hook
+    def attn_out(self, layer):
+        return TwoArgs()
+
+
+@register("needs_ema_{tag}")
+class NeedsEma(Technique):
+    """Needs the ema technique in the same stack."""
+
+    requires = ("ema",)
+
+    @hook
+    def on_step(self, state):
+        pass
+'''
+
+
+def plugin_stack(tmp_path: Path, cache_dir: Path, tag: str, techniques: dict[str, Any]) -> Path:
+    plugin = tmp_path / f"local_{tag}.py"
+    plugin.write_text(LOCAL_PLUGIN.replace("{tag}", tag))
+    d = tiny_stack(cache_dir, techniques=techniques)
+    d["plugins"] = [str(plugin)]
+    return write_stack(tmp_path / f"stack_{tag}.yaml", d)
+
+
+@pytest.mark.parametrize(
+    ("case", "techniques", "expected"),
+    [
+        ("two_fillers", {"gain_norm_{tag}": {}, "gain_norm_{tag}_b": {}},
+         "techniques 'gain_norm_{tag}' and 'gain_norm_{tag}_b' both fill the slot per layer 'norm' at layer 0"),
+        ("wrong_signature", {"broken_gate_{tag}": {}},
+         "technique 'broken_gate_{tag}': the module its 'attn_out' hook returns (TwoArgs) has "
+         "forward(y, v, extra); the 'attn_out' site calls forward(self, y, ctx)"),
+        ("missing_sibling", {"needs_ema_{tag}": {}},
+         "techniques.needs_ema_{tag}: requires technique 'ema'; add it to the stack"),
+    ],
+)  # fmt: skip
+def test_check_refuses_site_problems_before_training(
+    case: str, techniques: dict[str, Any], expected: str, tmp_path: Path, cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    techs = {k.replace("{tag}", case): v for k, v in techniques.items()}
+    f = plugin_stack(tmp_path, cache_dir, case, techs)
+    assert main(["check", str(f), "--no-estimate"]) == 2
+    err = capsys.readouterr().err
+    assert expected.replace("{tag}", case) in err and "Traceback" not in err
+
+
+def test_a_local_plugin_fills_a_slot_per_layer_and_check_shows_where(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = plugin_stack(tmp_path, cache_dir, "ok", {"gain_norm_ok": {}, "xsa": {"layers": "last(1)"}})
+    assert main(["check", str(f), "--no-estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "norm: gain_norm_ok  layers 0-1" in out and "attn_out: xsa  layer 1" in out
+    assert main(["run", str(f), "--out", str(tmp_path / "run"), "--quiet", "--no-estimate"]) == 0
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert math.isfinite(r["val_bpb"]) and r["techniques"][:2] == ["gain_norm_ok", "xsa"]

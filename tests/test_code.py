@@ -29,7 +29,7 @@ class Local(Technique):
     """A local technique that uses a helper module from its folder."""
 
     @hook
-    def on_step_end(self, step):
+    def on_step(self, state):
         {helper}.bump(step)
 '''
 

@@ -49,7 +49,8 @@ def test_baseline_stack_equals_the_challenge_defaults() -> None:
     assert rs.stack.seed == 1337 and rs.stack.export.artifact_limit == 16_000_000
     assert rs.technique_names() == ["int8_rowwise", "zlib"]
     q = rs.techniques[0].params
-    assert (q.clip_percentile, q.keep_float_max_numel) == (99.99984, 65536)  # type: ignore[attr-defined]
+    assert q.clip_percentile == 99.99984  # type: ignore[attr-defined]
+    assert rs.stack.export.passthrough_max_numel == 65536 and rs.stack.export.passthrough_dtype == "fp16"
     assert rs.techniques[1].params.level == 9  # type: ignore[attr-defined]
 
 

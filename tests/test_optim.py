@@ -7,6 +7,7 @@ import torch
 from conftest import small_spec
 from torch import nn
 
+from pgolf.registry.api.config import OptimConfig
 from pgolf.registry.api.roles import Role, role_table
 from pgolf.registry.run.model import GPT
 from pgolf.registry.run.optim import (
@@ -76,8 +77,8 @@ def test_muon_step_matches_the_reference() -> None:
 
 def test_every_parameter_lands_in_exactly_one_group_by_role() -> None:
     model = GPT(SPEC)
-    opts = build_optimizers(model, matrix_lr=0.04, scalar_lr=0.03, embed_lr=0.05, head_lr=0.008,
-                            muon_momentum=0.95, muon_backend_steps=5, beta1=0.9, beta2=0.95, adam_eps=1e-8)  # fmt: skip
+    cfg = OptimConfig(matrix_lr=0.04, scalar_lr=0.03, tied_embed_lr=0.05, head_lr=0.008)
+    opts = build_optimizers(model, cfg, tied=True)
     seen: dict[int, float] = {}
     for opt in opts.optimizers:
         for group in opt.param_groups:
@@ -90,9 +91,42 @@ def test_every_parameter_lands_in_exactly_one_group_by_role() -> None:
     expected = {Role.MATRIX: 0.04, Role.SCALAR: 0.03, Role.EMBEDDING: 0.05}
     for name, role in roles.items():
         assert seen[id(named[name])] == expected[role], name
-    assert isinstance(opts.muon, Muon) and len(opts.muon.param_groups[0]["params"]) == 2 * 6
-    opts.set_lr_multiplier(0.5)
-    assert opts.muon.param_groups[0]["lr"] == pytest.approx(0.02)
+    assert isinstance(opts.matrix, Muon) and len(opts.matrix.param_groups[0]["params"]) == 2 * 6
+    opts.set_multipliers(0.5)
+    assert opts.matrix.param_groups[0]["lr"] == pytest.approx(0.02)
+
+
+def test_weight_decay_is_decoupled_and_follows_the_lr_and_wd_multipliers() -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    start = w.detach().clone()
+    opt = Muon([w], lr=0.1, momentum=0.0, weight_decay=0.5)
+    opt.param_groups[0].update(base_lr=0.1, base_wd=0.5)
+    w.grad = torch.zeros_like(w)  # no gradient: only the decay moves the weights
+    opt.step()
+    assert torch.allclose(w.detach(), start * (1 - 0.1 * 0.5), atol=1e-6)
+    from pgolf.registry.run.optim import OptimizerSet
+
+    OptimizerSet([opt], opt).set_multipliers(0.5, 0.2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+
+
+def test_the_update_chain_runs_before_orthogonalization() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def ortho(g: torch.Tensor, steps: int) -> torch.Tensor:
+        seen.append(tuple(g.shape))
+        return g
+
+    def double(u: torch.Tensor) -> torch.Tensor:
+        return u * 2
+
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = Muon([w], lr=1.0, momentum=0.0, nesterov=False, ns=ortho, update_chain=[double])
+    w.grad = torch.ones(4, 4)
+    opt.step()
+    assert seen == [(1, 4, 4)] and torch.allclose(w.detach(), torch.full((4, 4), -2.0))
 
 
 def test_warmdown_by_iterations() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO, tiny_stack
@@ -39,18 +41,30 @@ def test_plugin_is_listed_with_its_origin(plugin_site: Path, tmp_path: Path) -> 
     proc = pgolf(["techniques", "smear_gate"], plugin_site, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "entry point smear_gate = pgolf_smear_gate:SmearGate" in proc.stdout
-    assert "window: 12" in proc.stdout and "lam  scalar  role=scalar" in proc.stdout
+    assert "window: 12" in proc.stdout and "lam  scalar  role=scalar kind=control" in proc.stdout
+    proc = pgolf(["techniques", "uniform_mix"], plugin_site, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "entry point uniform_mix = pgolf_smear_gate:UniformMix" in proc.stdout
+    assert "chain 'logprobs' (eval)" in proc.stdout
 
 
 def test_a_stack_uses_the_plugin_by_name(plugin_site: Path, tmp_path: Path, cache_dir: Path) -> None:
-    stack = tiny_stack(cache_dir, techniques={"smear_gate": {"window": 8}, "xsa": {}})
+    stack = tiny_stack(cache_dir, techniques={"smear_gate": {"window": 8}, "xsa": {},
+                                              "uniform_mix": {"epsilon": 0.5}})  # fmt: skip
     f = tmp_path / "plugin_stack.yaml"
     f.write_text(yaml.safe_dump(stack))
     proc = pgolf(["run", str(f), "--out", str(tmp_path / "out"), "--quiet"], plugin_site, tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert result["techniques"][:2] == ["smear_gate", "xsa"]
+    assert result["techniques"][:3] == ["smear_gate", "uniform_mix", "xsa"]  # YAML dump sorts keys
     assert "pgolf_smear_gate/__init__.py" in result["code_files"]  # the plugin's source is counted code
+    # the evaluation chain ran on the reloaded model: half of a uniform distribution over 1024
+    # tokens caps every token's loss at −log(0.5 / 1024) = 7.62 nats
+    nll = tmp_path / "nll.npy"
+    proc = pgolf(["eval", str(tmp_path / "out"), "--dump-nll", str(nll)], plugin_site, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    per_token = np.load(nll)
+    assert per_token.size == result["val_tokens"] and per_token.max() <= -math.log(0.5 / 1024) + 1e-4
 
 
 def test_without_the_package_the_name_is_unknown(tmp_path: Path, cache_dir: Path) -> None:

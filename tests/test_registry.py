@@ -36,32 +36,43 @@ def test_hook_with_extra_argument_names_technique_hook_and_signature() -> None:
 
 
 def test_hook_may_not_take_varargs() -> None:
-    def on_step_end(self: Any, **kw: Any) -> None:
+    def on_step(self: Any, **kw: Any) -> None:
         return None
 
     with pytest.raises(PgolfError, match="may not take"):
-        Registry().add("bad", make(on_step_end=hook(on_step_end)))
+        Registry().add("bad", make(on_step=hook(on_step)))
 
 
 def test_hook_taking_a_subset_is_called_with_only_those_arguments() -> None:
     seen: list[Any] = []
 
-    def on_step_end(self: Any, step: int) -> None:
-        seen.append(step)
+    def on_step(self: Any, state: Any) -> None:
+        seen.append(state)
 
-    cls = make(on_step_end=hook(on_step_end))
+    cls = make(on_step=hook(on_step))
     Registry().add("subset", cls)
-    assert cls.hooks == {"on_step_end": ("step",)}
-    cls(Params(), None).call("on_step_end", model=nn.Linear(1, 1), step=7)  # type: ignore[arg-type]
+    assert cls.hooks == {"on_step": ("state",)}
+    cls(Params(), None).call("on_step", model=nn.Linear(1, 1), state=7)  # type: ignore[arg-type]
     assert seen == [7]
 
 
-def test_a_slot_must_be_filled_whole() -> None:
+def test_a_site_must_be_filled_whole() -> None:
     def compress(self: Any, data: bytes) -> bytes:
         return data
 
-    with pytest.raises(PgolfError, match="'codec' slot with compress but not decompress"):
+    with pytest.raises(PgolfError, match="fills the 'codec' site with compress but not decompress"):
         Registry().add("half_codec", make(compress=hook(compress)))
+
+
+def test_every_site_is_a_slot_chain_or_event_of_one_plan_with_known_hooks() -> None:
+    from pgolf.registry import HOOKS, SITES
+
+    for name, site in SITES.items():
+        assert site.plan in ("model", "optimizer", "schedule", "data", "train", "export", "eval"), name
+        assert site.kind.split()[0] in ("slot", "chain", "event"), name
+        assert site.required and all(HOOKS[h.name].site == name for h in site.hooks), name
+        if site.exclusive:
+            assert site.default and site.default != "-", f"slot {name} needs a stated default"
 
 
 def test_duplicate_name_is_an_error_unless_overridden() -> None:
@@ -104,7 +115,7 @@ from pgolf.registry import Params, Technique, hook, register
 class Local(Technique):
     """A local test technique."""
     @hook
-    def on_step_end(self, step):
+    def on_step(self, state):
         pass
 '''
 
@@ -165,9 +176,9 @@ def test_resolve_adds_slot_defaults_and_rejects_two_codecs() -> None:
     assert [r.name for r in ordered] == ["xsa", "int8_rowwise", "zlib"]
     assert [r.implicit for r in ordered] == [False, True, True]
     _, problems = resolve_techniques({"brotli": {}, "zlib": {}})
-    assert problems == [
-        ("techniques", "techniques 'brotli' and 'zlib' both fill the exclusive 'codec' slot; keep one")
-    ]
+    assert problems == [("techniques", "techniques 'brotli' and 'zlib' both fill the slot 'codec'; keep one")]
+    ordered, problems = resolve_techniques({"brotli": {}, "xsa": {}})
+    assert [r.name for r in ordered] == ["brotli", "xsa", "int8_rowwise"] and problems == []
 
 
 def test_requires_and_conflicts_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,3 +197,4 @@ def test_legality_tags_come_from_a_fixed_vocabulary() -> None:
         PgolfError, match=r"unknown legality tag\(s\) \['legal_enough'\]; allowed: score_first"
     ):
         Registry().add("vague", make(legality=("legal_enough",)))
+    Registry().add("known_bad", make(legality=("illegal",)))

@@ -264,7 +264,7 @@ class Kept(Technique):
     """Scales the logits' input by a constant (a change that moves the score)."""
 
     @hook
-    def on_step_end(self, step):
+    def on_step(self, state):
         pass
 '''
 
@@ -323,10 +323,10 @@ def test_the_seed_changes_the_init_but_not_the_data_order(
         batches.append(x.clone())
         return x, y
 
-    def recording_build(*a: Any, **kw: Any) -> torch.nn.Module:
-        model = build(*a, **kw)
-        inits.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
-        return model
+    def recording_build(*a: Any, **kw: Any) -> Any:
+        built = build(*a, **kw)
+        inits.append(torch.cat([p.detach().flatten().clone() for p in built.model.parameters()]))
+        return built
 
     monkeypatch.setattr(data.DistributedTokenLoader, "next_batch", recording_next_batch)
     monkeypatch.setattr(pipeline, "build", recording_build)

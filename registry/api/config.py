@@ -139,11 +139,19 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
+    """Optimizer groups by parameter role: ``matrix`` (the matrix optimizer, Muon by default),
+    ``embedding``, ``head``, ``scalar`` and ``gate`` (Adam, decoupled weight decay as AdamW).
+    Weight decay is decoupled: W ← W·(1 − lr_t·wd) before each update."""
+
     matrix_lr: float = Field(0.04, ge=0)
-    scalar_lr: float = Field(0.04, ge=0)
+    scalar_lr: float = Field(0.04, ge=0, description="scalar and gate roles")
     tied_embed_lr: float = Field(0.05, ge=0)
     embed_lr: float = Field(0.6, ge=0, description="embedding lr when embeddings are untied")
     head_lr: float = Field(0.008, ge=0)
+    matrix_wd: float = Field(0.0, ge=0, description="decoupled weight decay of matrix parameters (Muon WD)")
+    embed_wd: float = Field(0.0, ge=0, description="decoupled weight decay of the embedding(s)")
+    head_wd: float = Field(0.0, ge=0, description="decoupled weight decay of an untied head")
+    scalar_wd: float = Field(0.0, ge=0, description="decoupled weight decay of scalar and gate parameters")
     muon_momentum: float = Field(0.95, ge=0, lt=1)
     muon_momentum_warmup_start: float = Field(0.85, ge=0, lt=1)
     muon_momentum_warmup_steps: int = Field(500, ge=0)
@@ -154,7 +162,17 @@ class OptimConfig(_Section):
 
 
 class ExportConfig(_Section):
+    """How the framework stores tensors no quantizer claims: non-float tensors as they are,
+    control tensors (role scalar) in fp32, tensors of at most ``passthrough_max_numel`` elements in
+    ``passthrough_dtype`` when every value is representable there (else fp32)."""
+
     artifact_limit: int = Field(ARTIFACT_LIMIT, ge=1, description="bytes (decimal); the challenge cap")
+    passthrough_max_numel: int = Field(
+        65_536, ge=0, description="tensors this small stay float unless a quantizer's scope names them"
+    )
+    passthrough_dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16", description="float format of small passthrough tensors (fp32 where values do not fit)"
+    )
 
 
 class EvalConfig(_Section):
@@ -186,6 +204,11 @@ class Stack(_Section):
             num_kv_heads=m.num_kv_heads,
             mlp_hidden=m.mlp_hidden,
             train_seq_len=self.train.train_seq_len,
+            tie_embeddings=m.tie_embeddings,
+            tied_embed_init_std=m.tied_embed_init_std,
+            rope_base=m.rope_base,
+            logit_softcap=m.logit_softcap,
+            qk_gain_init=m.qk_gain_init,
         )
 
 

@@ -89,3 +89,71 @@ Layers = Annotated[
     PlainSerializer(LayerSelector.dump, return_type=Any),
 ]
 """Field type for technique params: ``layers: Layers = LayerSelector.parse("last(4)")``."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor scopes (export): which parameters a quantizer or export step applies to
+# --------------------------------------------------------------------------------------------
+
+_SCOPE_FORMS = (
+    "'all', 'none', 'matrices' (the block matrices: attn_q/k/v/o, mlp_up/down), 'embeddings', or a list "
+    "of kinds and roles such as [attn_q, mlp_up, embedding]"
+)
+
+
+@dataclass(frozen=True)
+class TensorScope:
+    """A set of parameter kinds and roles, selected by labels (never by name patterns)."""
+
+    form: str  # all | none | matrices | embeddings | list
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any) -> TensorScope:
+        from .roles import Kind, Role
+
+        if isinstance(value, TensorScope):
+            return value
+        if isinstance(value, str):
+            s = value.strip()
+            if s in ("all", "none", "matrices", "embeddings"):
+                return cls(s)
+            value = [s]
+        if isinstance(value, (list, tuple)) and value:
+            allowed = {k.value for k in Kind} | {r.value for r in Role}
+            bad = [v for v in value if not isinstance(v, str) or v not in allowed]
+            if bad:
+                raise ValueError(
+                    f"unknown kind or role {bad[0]!r}; kinds: {', '.join(k.value for k in Kind)}; "
+                    f"roles: {', '.join(r.value for r in Role)}"
+                )
+            return cls("list", tuple(value))
+        raise ValueError(f"expected {_SCOPE_FORMS}, got {value!r}")
+
+    def dump(self) -> str | list[str]:
+        return list(self.names) if self.form == "list" else self.form
+
+    def contains(self, info: Any) -> bool:
+        """Whether a :class:`~pgolf.registry.api.roles.ParamInfo` falls in this scope."""
+        from .roles import BLOCK_MATRIX_KINDS, Kind, Role
+
+        if self.form == "all":
+            return True
+        if self.form == "none":
+            return False
+        if self.form == "matrices":
+            return info.kind in BLOCK_MATRIX_KINDS
+        if self.form == "embeddings":
+            return info.kind == Kind.EMBED or info.role == Role.EMBEDDING
+        return info.kind.value in self.names or info.role.value in self.names
+
+    def __str__(self) -> str:
+        return str(self.dump())
+
+
+Tensors = Annotated[
+    TensorScope,
+    BeforeValidator(TensorScope.parse),
+    PlainSerializer(TensorScope.dump, return_type=Any),
+]
+"""Field type for export-technique params: ``scope: Tensors = TensorScope.parse("matrices")``."""

@@ -33,7 +33,7 @@ import inspect
 import pkgutil
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -41,7 +41,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import PgolfError, did_you_mean
-from .hooks import HOOKS, SLOT_DEFAULTS, SLOTS
+from .sites import DEFAULT_FILLERS, HOOKS, SITES, SLOT
 
 ENTRY_POINT_GROUP = "pgolf.techniques"
 _HOOK_ATTR = "__pgolf_hook__"
@@ -68,6 +68,11 @@ class ModelSpec:
     num_kv_heads: int
     mlp_hidden: int
     train_seq_len: int
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
 
     @property
     def head_dim(self) -> int:
@@ -89,6 +94,8 @@ LEGALITY_TAGS: dict[str, str] = {
     "(legal test-time training, caches built from already-scored tokens)",
     "needs_review": "evaluation-time behaviour whose legality is not settled (e.g. SLOT, logit-bias "
     "fitting); results that use it are flagged as not legal",
+    "illegal": "known to break the challenge's rules (e.g. training on validation tokens before scoring "
+    "them); kept so the legality probes can be shown to catch it; a run that uses it is never legal",
 }
 """Tags a technique may carry in ``legality`` (challenge rules: README FAQ and Issue #1017)."""
 
@@ -107,6 +114,10 @@ class Technique:
     ``legality``     tags for evaluation-time behaviour, from :data:`LEGALITY_TAGS`.
     ``gain_at_end``  True when its benefit only shows at the end of training (EMA, QAT, ...):
                      a search scheduler must not stop such a trial before its last report.
+
+    A technique fills sites by implementing hooks (see :mod:`pgolf.registry.api.sites`); one
+    instance is made per build (training model, size estimate, reloaded artifact), so state
+    never leaks from one build into another.
     """
 
     name: ClassVar[str] = ""
@@ -153,13 +164,6 @@ class Technique:
         return f"<technique {self.name} {self.params!r}>"
 
 
-def call_hooks(techniques: Sequence[Technique], hook_name: str, **kwargs: Any) -> None:
-    """Run an additive hook on every technique that implements it, in the given (resolved) order."""
-    for t in techniques:
-        if hook_name in t.hooks:
-            t.call(hook_name, **kwargs)
-
-
 def _check_hooks(name: str, cls: type[Technique]) -> dict[str, tuple[str, ...]]:
     """Find the @hook methods of ``cls`` and check each against its spec."""
     found: dict[str, tuple[str, ...]] = {}
@@ -193,13 +197,13 @@ def _check_hooks(name: str, cls: type[Technique]) -> dict[str, tuple[str, ...]]:
                 )
             args.append(p.name)
         found[hook_name] = tuple(args)
-    for slot, members in SLOTS.items():
-        have = [m for m in members if m in found]
-        if have and len(have) != len(members):
-            missing = [m for m in members if m not in found]
+    for site in SITES.values():
+        have = [h.name for h in site.hooks if h.name in found]
+        missing = [m for m in site.required if m not in found]
+        if have and missing:
             raise PgolfError(
-                f"technique {name!r} fills the {slot!r} slot with {', '.join(have)} "
-                f"but not {', '.join(missing)}; a {slot} implements all of: {', '.join(members)}"
+                f"technique {name!r} fills the {site.name!r} site with {', '.join(have)} "
+                f"but not {', '.join(missing)}; it needs all of: {', '.join(site.required)}"
             )
     return found
 
@@ -426,21 +430,25 @@ def resolve_techniques(raw: Mapping[str, Any]) -> tuple[list[Resolved], list[tup
                     problems.append(
                         (f"techniques.{a}", f"conflicts with technique {b!r}; remove one of them")
                     )
-    # exclusive slots
-    for slot, members in SLOTS.items():
-        fillers = [r.name for r in chosen if members[0] in r.cls.hooks]
-        if len(fillers) > 1:
+    # whole-model slots: one filler each (slots per layer / Linear / tensor are checked at build)
+    for site in SITES.values():
+        hook = site.required[0]
+        fillers = [r.name for r in chosen if hook in r.cls.hooks]
+        if site.kind == SLOT and len(fillers) > 1:
             problems.append(
                 (
                     "techniques",
-                    f"techniques {' and '.join(map(repr, fillers))} both fill the exclusive "
-                    f"{slot!r} slot; keep one",
+                    f"techniques {' and '.join(map(repr, fillers))} both fill the slot {site.name!r}; keep one",
                 )
             )
-        elif not fillers:
-            default = SLOT_DEFAULTS[slot]
-            cls = REGISTRY.get(default)
-            chosen.append(Resolved(default, cls, cls.Params(), implicit=True))
+    for site_name, default in DEFAULT_FILLERS.items():
+        hook = SITES[site_name].required[0]
+        if SITES[site_name].kind == SLOT and any(hook in r.cls.hooks for r in chosen):
+            continue
+        if any(r.name == default for r in chosen):
+            continue
+        cls = REGISTRY.get(default)
+        chosen.append(Resolved(default, cls, cls.Params(), implicit=True))
     if problems:
         return chosen, problems
     try:

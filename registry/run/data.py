@@ -343,15 +343,19 @@ class PrefetchingLoader:
         self._thread.start()
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if (local_tokens, seq_len) != (self.local_tokens, self.seq_len):
-            raise ValueError(f"this prefetcher serves batches of {self.local_tokens} tokens x {self.seq_len}")
+        """The next batch; any ``seq_len`` dividing ``local_tokens`` is a view of the same span."""
+        if local_tokens != self.local_tokens or local_tokens % seq_len:
+            raise ValueError(
+                f"this prefetcher serves batches of {self.local_tokens} tokens (any seq_len dividing it)"
+            )
         if self._queue is None:
             self._start()
         assert self._queue is not None
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        return item
+        x, y = item
+        return x.view(-1, seq_len), y.view(-1, seq_len)
 
     def close(self) -> None:
         """Stop the thread and drop the batches read ahead (the wrapped loader's position is then

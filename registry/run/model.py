@@ -1,9 +1,9 @@
-"""The base GPT: the Parameter Golf challenge baseline, with named slots techniques fill.
+"""The base GPT: the Parameter Golf challenge baseline, with the sites techniques fill.
 
-Notable features (all from the baseline ``train_gpt.py``):
+The baseline (``train_gpt.py``, 2026-03-17):
 
 * tied token embedding E ~ N(0, 0.005²), used as the input table and the output head;
-* parameter-free RMSNorm: on the input embedding, before attention, before the MLP, before the head;
+* parameter-free RMSNorm on the input embedding, before attention, before the MLP, before the head;
 * GQA attention (8 query / 4 KV heads), QK-norm, RoPE on the full head (half-split pairs),
   a learned per-head q gain (init 1.5), causal SDPA, zero-initialised output projection;
 * relu² MLP (hidden = mlp_mult·d), zero-initialised down projection;
@@ -12,28 +12,26 @@ Notable features (all from the baseline ``train_gpt.py``):
   (LIFO) weighted by ``skip_weights``;
 * logit softcap c·tanh(z/c), c = 30, cross-entropy in fp32.
 
-Slots (filled at build time by technique hooks; the forward has no technique branches):
-
-* ``GPT.embed_transforms``      — modules m(x, idx) -> x on the raw embedding (hook ``embed``)
-* ``GPT.rotary``                — the RoPE tables (cos, sin) shared by every layer
-* ``Attention.core``            — the attention kernel (SDPA, or flash-attn when installed)
-* ``Attention.out_transforms``  — modules m(y, v) -> y on per-head outputs (hook ``attn_out``)
-* ``MLP.act``                   — the activation (hook ``mlp_act``; default relu²)
-
-Every parameter carries a role (:mod:`pgolf.registry.roles`).
+Every place a technique can change is a site (:mod:`pgolf.registry.api.sites`), filled when the
+model is built through the :class:`~pgolf.registry.api.sites.Dispatcher`; the forward has no
+technique branches. Each site module gets the per-forward :class:`~pgolf.registry.api.context.Ctx`.
+Every parameter carries a role and a kind (:mod:`pgolf.registry.api.roles`); parameters built
+inside a block also carry its physical layer index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..api.context import BlockSchedule, Ctx, unet_halves
 from ..api.errors import PgolfError
-from ..api.roles import Role, role_table, set_role
+from ..api.roles import Kind, Role, param_infos, set_layer, set_role
+from ..api.sites import Dispatcher
 from ..api.technique import ModelSpec, Technique
 
 
@@ -53,26 +51,63 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c + x2 * s, x2 * c - x1 * s), dim=-1)
 
 
-class Rotary(nn.Module):
-    """RoPE tables over the full head dim (base 10 000), computed once per forward for all layers.
+def rotary_tables(dims: int, base: float, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin (T, dims/2) for angles t·base^(−2i/dims)."""
+    exponent = torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), base**-exponent)
+    return freqs.cos(), freqs.sin()
 
-    Stateless, so ``torch.compile`` sees no Python state to guard on and DDP no buffer to sync.
-    """
+
+# --------------------------------------------------------------------------------------------
+# Slot defaults
+# --------------------------------------------------------------------------------------------
+
+
+class RotaryBase(nn.Module):
+    """The rotary slot: ``tables`` once per forward, ``rotate`` q and k in every layer."""
+
+    def tables(self, seq_len: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def rotate(self, x: Tensor, tables: Any) -> Tensor:
+        raise NotImplementedError
+
+
+class Rotary(RotaryBase):
+    """RoPE over the full head dim (base 10 000). Stateless, so ``torch.compile`` sees no Python
+    state to guard on and DDP no buffer to sync."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         self.head_dim, self.base = head_dim, base
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.base**-exponent)
-        return freqs.cos(), freqs.sin()  # (T, D/2) each
+    def tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        return rotary_tables(self.head_dim, self.base, seq_len, device)
+
+    def rotate(self, x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+        cos, sin = tables
+        return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+class RMSNorm(nn.Module):
+    """The norm slot's default: parameter-free RMSNorm."""
+
+    def forward(self, x: Tensor, ctx: Ctx) -> Tensor:
+        return rms_norm(x)
+
+
+class SequentialResidual(nn.Module):
+    """The block slot's default: x + attn(norm x), then + mlp(norm x)."""
+
+    def forward(self, x: Tensor, block: Block, ctx: Ctx) -> Tensor:
+        x = x + block.attn_branch(x, ctx)
+        return x + block.mlp_branch(x, ctx)
 
 
 class SDPAttention(nn.Module):
     """Causal attention through ``F.scaled_dot_product_attention`` (the reference kernel)."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: Ctx | None = None) -> Tensor:
         # q (B,T,H,D), k/v (B,T,KV,D) -> (B,T,H,D)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
@@ -97,10 +132,9 @@ class FlashAttention(nn.Module):
             raise PgolfError(
                 "train.attention=flash but neither flash_attn_interface nor flash_attn is installed"
             )
-
         self._fn: Callable[..., object] = fn
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: Ctx | None = None) -> Tensor:
         dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # flash: 16-bit only
         out = self._fn(q.to(dt), k.to(dt), v.to(dt), causal=True)
         out = out[0] if isinstance(out, tuple) else out
@@ -124,7 +158,7 @@ def flash_attention_function() -> Callable[..., object] | None:
 
 
 def attention_kernel(name: str, device: torch.device) -> Callable[[], nn.Module]:
-    """Factory for the attention slot: ``sdpa``, ``flash`` or ``auto`` (flash on CUDA when installed)."""
+    """Default of the attention slot: ``sdpa``, ``flash`` or ``auto`` (flash on CUDA when installed)."""
     if name == "flash" or (
         name == "auto" and device.type == "cuda" and flash_attention_function() is not None
     ):
@@ -137,184 +171,267 @@ class ReluSquared(nn.Module):
         return torch.relu(u).square()
 
 
-def _linear(in_dim: int, out_dim: int, role: Role, zero: bool = False) -> nn.Linear:
-    lin = nn.Linear(in_dim, out_dim, bias=False)
-    if zero:
-        nn.init.zeros_(lin.weight)
-    set_role(lin.weight, role)
-    return lin
+class SkipMerge(nn.Module):
+    """The skip-merge slot's default: x + skip_weights[j]·skip (weights init 1)."""
+
+    def __init__(self, num_skips: int, model_dim: int):
+        super().__init__()
+        self.skip_weights = set_role(nn.Parameter(torch.ones(num_skips, model_dim)), Role.SCALAR)
+
+    def forward(self, x: Tensor, skip: Tensor, j: int, ctx: Ctx) -> Tensor:
+        return x + self.skip_weights[j].to(x.dtype) * skip
 
 
-def _vector(n: int, value: float) -> nn.Parameter:
-    return set_role(nn.Parameter(torch.full((n,), value)), Role.SCALAR)  # type: ignore[return-value]
+class Head(nn.Module):
+    """The head slot: final hidden state (B,T,D) and the output weight (V,D) -> fp32 logits.
+
+    ``loss`` is cross-entropy in nats on those logits; a head may override it (fused kernels)."""
+
+    def forward(self, h: Tensor, weight: Tensor, ctx: Ctx) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, h: Tensor, weight: Tensor, targets: Tensor, ctx: Ctx, reduction: str = "mean") -> Tensor:
+        logits = self(h, weight, ctx)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return loss if reduction != "none" else loss.view_as(targets)
+
+
+class SoftcapHead(Head):
+    """The baseline head: softcap c·tanh(h·Wᵀ / c) in fp32."""
+
+    def __init__(self, cap: float):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, h: Tensor, weight: Tensor, ctx: Ctx) -> Tensor:
+        return softcap(F.linear(h, weight.to(h.dtype)).float(), self.cap)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear labelled with its role and kind. Its weight passes through the
+    ``linear_weight`` slot (QAT) and its output gets the ``linear_adapter`` chain (LoRA)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        role: Role,
+        kind: Kind,
+        *,
+        zero: bool = False,
+        sites: Dispatcher | None = None,
+        layer: int | None = None,
+    ):
+        super().__init__(in_features, out_features, bias=False)
+        if zero:
+            nn.init.zeros_(self.weight)
+        set_role(self.weight, role, kind)
+        self.kind = kind
+        sites = sites or Dispatcher(())
+        where = f"{kind.value} of layer {layer}" if layer is not None else kind.value
+        self.weight_transform: nn.Module | None = sites.slot(
+            "linear_weight", None, where, kind=kind, layer=layer
+        )
+        self.adapters = nn.ModuleList(
+            sites.chain(
+                "linear_adapter", kind=kind, layer=layer, in_features=in_features, out_features=out_features
+            )
+        )
+
+    def forward(self, x: Tensor, ctx: Ctx | None = None) -> Tensor:
+        w = self.weight if self.weight_transform is None else self.weight_transform(self.weight, ctx)
+        y = F.linear(x, w)
+        for adapter in self.adapters:
+            y = adapter(x, y, ctx)
+        return y
 
 
 class Attention(nn.Module):
     def __init__(
         self,
         spec: ModelSpec,
-        qk_gain_init: float,
+        layer: int,
+        sites: Dispatcher,
         kernel: Callable[[], nn.Module] = SDPAttention,
     ):
         super().__init__()
         d, h, kv = spec.model_dim, spec.num_heads, spec.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, spec.head_dim
-        self.c_q = _linear(d, d, Role.MATRIX)
-        self.c_k = _linear(d, spec.kv_dim, Role.MATRIX)
-        self.c_v = _linear(d, spec.kv_dim, Role.MATRIX)
-        self.proj = _linear(d, d, Role.MATRIX, zero=True)
-        self.q_gain = _vector(h, qk_gain_init)
-        self.core: nn.Module = kernel()
-        self.out_transforms = nn.ModuleList()
+        lin = {"sites": sites, "layer": layer}
+        self.c_q = Linear(d, d, Role.MATRIX, Kind.ATTN_Q, **lin)  # type: ignore[arg-type]
+        self.c_k = Linear(d, spec.kv_dim, Role.MATRIX, Kind.ATTN_K, **lin)  # type: ignore[arg-type]
+        self.c_v = Linear(d, spec.kv_dim, Role.MATRIX, Kind.ATTN_V, **lin)  # type: ignore[arg-type]
+        self.proj = Linear(d, d, Role.MATRIX, Kind.ATTN_O, zero=True, **lin)  # type: ignore[arg-type]
+        self.q_gain = set_role(nn.Parameter(torch.full((h,), spec.qk_gain_init)), Role.SCALAR)
+        where = f"layer {layer}"
+        self.qkv = nn.ModuleList(sites.chain("qkv", layer=layer))
+        self.kernel: nn.Module = sites.slot("attention", kernel, where, layer=layer)
+        self.out = nn.ModuleList(sites.chain("attn_out", layer=layer))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Ctx) -> Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = self.c_q(x, ctx).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x, ctx).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x, ctx).view(B, T, self.num_kv_heads, self.head_dim)
+        for transform in self.qkv:
+            q, k, v = transform(q, k, v, ctx)
         q, k = rms_norm(q), rms_norm(k)
-        q = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype))
-        k = apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
+        q, k = ctx.rotary.rotate(q, ctx.rope), ctx.rotary.rotate(k, ctx.rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = self.core(q, k, v)  # (B,T,H,D)
-        for transform in self.out_transforms:
-            y = transform(y, v)
-        return self.proj(y.reshape(B, T, -1))
+        y = self.kernel(q, k, v, ctx)  # (B,T,H,D)
+        ctx.v, ctx.attn_input = v, x
+        for transform in self.out:
+            y = transform(y, ctx)
+        return cast(Tensor, self.proj(y.reshape(B, T, -1), ctx))
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, layer: int, sites: Dispatcher):
         super().__init__()
-        self.fc = _linear(spec.model_dim, spec.mlp_hidden, Role.MATRIX)
-        self.act: nn.Module = ReluSquared()
-        self.proj = _linear(spec.mlp_hidden, spec.model_dim, Role.MATRIX, zero=True)
+        lin = {"sites": sites, "layer": layer}
+        self.fc = Linear(spec.model_dim, spec.mlp_hidden, Role.MATRIX, Kind.MLP_UP, **lin)  # type: ignore[arg-type]
+        self.act: nn.Module = sites.slot("mlp_act", ReluSquared, f"layer {layer}", layer=layer)
+        self.proj = Linear(spec.mlp_hidden, spec.model_dim, Role.MATRIX, Kind.MLP_DOWN, zero=True, **lin)  # type: ignore[arg-type]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.act(self.fc(x)))
+    def forward(self, x: Tensor, ctx: Ctx) -> Tensor:
+        return cast(Tensor, self.proj(self.act(self.fc(x, ctx)), ctx))
 
 
 class Block(nn.Module):
+    """One transformer block: resid_mix with x0, then the block-wiring slot adds the branches."""
+
     def __init__(
         self,
         spec: ModelSpec,
-        qk_gain_init: float,
+        layer: int,
+        sites: Dispatcher,
         kernel: Callable[[], nn.Module] = SDPAttention,
     ):
         super().__init__()
         d = spec.model_dim
-        self.attn = Attention(spec, qk_gain_init, kernel)
-        self.mlp = MLP(spec)
-        self.attn_scale = _vector(d, 1.0)
-        self.mlp_scale = _vector(d, 1.0)
+        where = f"layer {layer}"
+        self.layer = layer
+        self.norm: nn.Module = sites.slot("norm", RMSNorm, where, layer=layer)
+        self.attn = Attention(spec, layer, sites, kernel)
+        self.mlp = MLP(spec, layer, sites)
+        self.attn_scale = set_role(nn.Parameter(torch.ones(d)), Role.SCALAR)
+        self.mlp_scale = set_role(nn.Parameter(torch.ones(d)), Role.SCALAR)
         self.resid_mix = set_role(nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d)))), Role.SCALAR)
+        self.wiring: nn.Module = sites.slot("block", SequentialResidual, where, layer=layer)
+        set_layer(self, layer)
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def attn_branch(self, x: Tensor, ctx: Ctx) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(self.norm(x, ctx), ctx)
+
+    def mlp_branch(self, x: Tensor, ctx: Ctx) -> Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x, ctx), ctx)
+
+    def forward(self, x: Tensor, ctx: Ctx) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = mix[0] * x + mix[1] * cast(Tensor, ctx.x0)
+        return cast(Tensor, self.wiring(x, self, ctx))
 
 
 class GPT(nn.Module):
     def __init__(
         self,
         spec: ModelSpec,
-        *,
-        tie_embeddings: bool = True,
-        tied_embed_init_std: float = 0.005,
-        rope_base: float = 10000.0,
-        logit_softcap: float = 30.0,
-        qk_gain_init: float = 1.5,
+        sites: Dispatcher | None = None,
         attention: Callable[[], nn.Module] = SDPAttention,
     ):
         super().__init__()
+        sites = sites or Dispatcher(())
         self.spec = spec
-        self.logit_softcap = logit_softcap
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.model_dim)
-        nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
-        set_role(self.tok_emb.weight, Role.EMBEDDING)
-        self.embed_transforms = nn.ModuleList()
-        self.rotary: nn.Module = Rotary(spec.head_dim, rope_base)
-        self.blocks = nn.ModuleList(Block(spec, qk_gain_init, attention) for _ in range(spec.num_layers))
-        self.num_encoder_layers = spec.num_layers // 2
-        num_skips = min(self.num_encoder_layers, spec.num_layers - self.num_encoder_layers)
-        self.skip_weights = set_role(nn.Parameter(torch.ones(num_skips, spec.model_dim)), Role.SCALAR)
-        self.lm_head = (
-            None if tie_embeddings else _linear(spec.model_dim, spec.vocab_size, Role.HEAD, zero=True)
+        nn.init.normal_(self.tok_emb.weight, std=spec.tied_embed_init_std)
+        set_role(self.tok_emb.weight, Role.EMBEDDING, Kind.EMBED)
+        self.embed = nn.ModuleList(sites.chain("embed"))
+        self.rotary: RotaryBase = sites.slot("rotary", lambda: Rotary(spec.head_dim, spec.rope_base))
+        self.blocks = nn.ModuleList(Block(spec, i, sites, attention) for i in range(spec.num_layers))
+        self.schedule: BlockSchedule = sites.slot("schedule", lambda: unet_halves(spec.num_layers))
+        check_schedule(self.schedule, spec.num_layers)
+        n_skips = self.schedule.num_skips()
+        self.skip_merge: nn.Module = sites.slot(
+            "skip_merge", lambda: SkipMerge(n_skips, spec.model_dim), num_skips=n_skips
         )
+        self.final = nn.ModuleList(sites.chain("final"))
+        self.lm_head = (
+            None
+            if spec.tie_embeddings
+            else Linear(spec.model_dim, spec.vocab_size, Role.HEAD, Kind.HEAD, zero=True, sites=sites)
+        )
+        self.head: Head = sites.slot("head", lambda: SoftcapHead(spec.logit_softcap))
 
-    def hidden(self, idx: Tensor) -> Tensor:
-        """Final normalised hidden states (B,T,D) for token ids idx (B,T)."""
+    def hidden(self, idx: Tensor, switches: tuple[str, ...] = ()) -> tuple[Tensor, Ctx]:
+        """Final normalised hidden states (B,T,D) for token ids idx (B,T), and the context."""
+        ctx = Ctx(idx, switches)
         x = self.tok_emb(idx)
-        for transform in self.embed_transforms:
-            x = transform(x, idx)
-        x = x0 = rms_norm(x)
-        cos, sin = self.rotary(idx.size(1), idx.device)
+        for transform in self.embed:
+            x = transform(x, ctx)
+        x = rms_norm(x)
+        ctx.x0 = x
+        ctx.rotary = self.rotary
+        ctx.rope = self.rotary.tables(idx.size(1), idx.device)
+        encoder, decoder = self.schedule.order(switches)
         skips: list[Tensor] = []
-        for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0, cos, sin)
+        for v, i in enumerate(encoder):
+            ctx.layer, ctx.virtual = i, v
+            x = self.blocks[i](x, ctx)
             skips.append(x)
-        for j, block in enumerate(self.blocks[self.num_encoder_layers :]):
+        for j, i in enumerate(decoder):
+            ctx.layer, ctx.virtual = i, len(encoder) + j
             if skips:
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin)
-        return rms_norm(x)
+                x = self.skip_merge(x, skips.pop(), j, ctx)
+            x = self.blocks[i](x, ctx)
+        for transform in self.final:
+            x = transform(x, ctx)
+        return rms_norm(x), ctx
 
-    def logits(self, idx: Tensor) -> Tensor:
-        """Soft-capped logits (B,T,V) in fp32."""
-        h = self.hidden(idx)
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return softcap(F.linear(h, weight.to(h.dtype)).float(), self.logit_softcap)
+    @property
+    def head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    def logits(self, idx: Tensor, switches: tuple[str, ...] = ()) -> Tensor:
+        """fp32 logits (B,T,V) from the head slot (soft-capped by default)."""
+        h, ctx = self.hidden(idx, switches)
+        return cast(Tensor, self.head(h, self.head_weight, ctx))
+
+    def forward(
+        self, idx: Tensor, targets: Tensor, reduction: str = "mean", switches: tuple[str, ...] = ()
+    ) -> Tensor:
         """Cross-entropy in nats: a scalar (``mean``) or per token (B,T) (``none``)."""
-        logits = self.logits(idx)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-        return loss if reduction != "none" else loss.view_as(targets)
+        h, ctx = self.hidden(idx, switches)
+        return self.head.loss(h, self.head_weight, targets, ctx, reduction)
+
+
+def check_schedule(schedule: BlockSchedule, num_layers: int) -> None:
+    for encoder, decoder in schedule.orders():
+        bad = [i for i in (*encoder, *decoder) if not 0 <= i < num_layers]
+        if bad or not (encoder or decoder):
+            raise PgolfError(
+                f"block schedule {schedule!r} uses layer(s) {bad} outside 0..{num_layers - 1}"
+                if bad
+                else f"block schedule {schedule!r} runs no block"
+            )
 
 
 def build_model(
     spec: ModelSpec,
-    techniques: Sequence[Technique],
+    techniques: Sequence[Technique] | Dispatcher = (),
     *,
-    tie_embeddings: bool = True,
-    tied_embed_init_std: float = 0.005,
-    rope_base: float = 10000.0,
-    logit_softcap: float = 30.0,
-    qk_gain_init: float = 1.5,
     attention: Callable[[], nn.Module] = SDPAttention,
 ) -> GPT:
-    """The base GPT with every slot filled by the techniques' model hooks, roles checked."""
-    model = GPT(
-        spec,
-        tie_embeddings=tie_embeddings,
-        tied_embed_init_std=tied_embed_init_std,
-        rope_base=rope_base,
-        logit_softcap=logit_softcap,
-        qk_gain_init=qk_gain_init,
-        attention=attention,
-    )
-    for t in techniques:
-        if "embed" in t.hooks and (m := t.call("embed")) is not None:
-            model.embed_transforms.append(m)
-    for i in range(spec.num_layers):
-        block = cast(Block, model.blocks[i])
-        for t in techniques:
-            if "attn_out" in t.hooks and (m := t.call("attn_out", layer=i)) is not None:
-                block.attn.out_transforms.append(m)
-        acts = [
-            (t.name, m)
-            for t in techniques
-            if "mlp_act" in t.hooks and (m := t.call("mlp_act", layer=i)) is not None
-        ]
-        if len(acts) > 1:
-            raise PgolfError(
-                f"techniques {' and '.join(repr(n) for n, _ in acts)} both replace the MLP activation "
-                f"of layer {i}; give them disjoint `layers`"
-            )
-        if acts:
-            block.mlp.act = acts[0][1]
-    role_table(model)  # every parameter, including those techniques added, must have a role
+    """The base GPT with every site filled, the ``init`` event run and every parameter's role
+    checked (on the current default device; ``with torch.device("meta")`` for a dry build)."""
+    sites = techniques if isinstance(techniques, Dispatcher) else Dispatcher(techniques)
+    model = GPT(spec, sites, attention)
+    sites.event("init", model=model, spec=spec)
+    param_infos(model)  # every parameter, including those techniques added, must have a role
     return model
 
 
@@ -336,14 +453,22 @@ __all__ = [
     "Attention",
     "Block",
     "FlashAttention",
+    "Head",
+    "Linear",
+    "RMSNorm",
     "ReluSquared",
     "Rotary",
+    "RotaryBase",
     "SDPAttention",
+    "SequentialResidual",
+    "SkipMerge",
+    "SoftcapHead",
     "apply_rotary",
     "attention_kernel",
     "build_model",
     "count_params",
     "model_flops_per_token",
     "rms_norm",
+    "rotary_tables",
     "softcap",
 ]

@@ -1,9 +1,13 @@
-"""Optimizers: Muon for ``matrix`` parameters, Adam for the rest, grouped by role.
+"""Optimizers: the matrix optimizer (Muon by default) for ``matrix`` parameters, Adam(W) for the
+rest, one group per role with the stack's lr and decoupled weight decay.
 
 Muon (Keller Jordan; as in the challenge baseline): Nesterov momentum, then the update is
 orthogonalised by 5 Newton–Schulz iterations with fixed coefficients (3.4445, −4.7750, 2.0315)
 in bf16, scaled by √max(1, rows/cols). With several processes each rank orthogonalises the
 matrices i ≡ rank (mod world size) and one all-reduce shares the updates.
+
+Sites: ``matrix_optimizer`` (slot), ``orthogonalize`` (slot; Newton–Schulz by default) and the
+``muon_update`` chain (applied to the Nesterov update before orthogonalization, e.g. MuonEq-R).
 
 Fast path: matrices of the same shape are stacked and orthogonalised in one batched
 Newton–Schulz call (:func:`newton_schulz`); :func:`newton_schulz_reference` is the plain
@@ -15,13 +19,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..api.config import OptimConfig
 from ..api.roles import Role, role_table
+from ..api.sites import Dispatcher
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -60,14 +66,20 @@ def newton_schulz(
     return x.transpose(1, 2) if transposed else x
 
 
-@functools.cache
-def compiled_newton_schulz() -> Callable[[Tensor, int], Tensor]:
-    """:func:`newton_schulz` through ``torch.compile`` (one graph per shape; as the baseline does)."""
-    return cast(Callable[[Tensor, int], Tensor], torch.compile(newton_schulz, dynamic=False, fullgraph=True))
+Orthogonalizer = Callable[[Tensor, int], Tensor]
+UpdateFn = Callable[[Tensor], Tensor]
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton–Schulz, for 2-D parameters."""
+    """MomentUm Orthogonalized by Newton–Schulz, for 2-D parameters.
+
+    Per step and parameter W with gradient G: buf ← μ·buf + G; U = G + μ·buf (Nesterov) or buf;
+    U ← f(U) for each ``update_chain`` function; O = orthogonalize(U) batched by shape;
+    W ← W·(1 − lr·wd); W ← W − lr·√max(1, rows/cols)·O. With several processes each rank
+    orthogonalises the matrices i ≡ rank (mod world size) and one all-reduce shares the updates.
+    """
+
+    owns_grad_sync = False
 
     def __init__(
         self,
@@ -76,14 +88,24 @@ class Muon(torch.optim.Optimizer):
         momentum: float,
         backend_steps: int = 5,
         nesterov: bool = True,
+        weight_decay: float = 0.0,
         rank: int = 0,
         world_size: int = 1,
-        ns: Callable[[Tensor, int], Tensor] = newton_schulz,
+        ns: Orthogonalizer = newton_schulz,
+        update_chain: Sequence[UpdateFn] = (),
     ):
         super().__init__(
-            params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov)
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                backend_steps=backend_steps,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+            ),
         )
         self.rank, self.world_size, self.ns = rank, world_size, ns
+        self.update_chain = list(update_chain)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
@@ -108,7 +130,10 @@ class Muon(torch.optim.Optimizer):
                 updates[i] = g
                 by_shape.setdefault(tuple(g.shape), []).append(i)
             for shape, idxs in by_shape.items():
-                ortho = self.ns(torch.stack([updates[i] for i in idxs]), group["backend_steps"])
+                stacked = torch.stack([updates[i] for i in idxs])
+                for fn in self.update_chain:
+                    stacked = fn(stacked)
+                ortho = self.ns(stacked, group["backend_steps"])
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 for j, i in enumerate(idxs):
                     updates[i] = ortho[j] * scale
@@ -125,26 +150,38 @@ class Muon(torch.optim.Optimizer):
                 updates = {
                     i: flat[offsets[i] : offsets[i + 1]].view_as(params[i]) for i in range(len(params))
                 }
+            decay = group["lr"] * group["weight_decay"]
             for i, u in updates.items():
+                if decay:
+                    params[i].mul_(1.0 - decay)
                 params[i].add_(u.to(params[i].dtype), alpha=-group["lr"])
 
 
 @dataclass
 class OptimizerSet:
-    """The optimizers of a run and the base LR of each of their groups."""
+    """The optimizers of a run, each group carrying its ``base_lr`` and ``base_wd``."""
 
     optimizers: list[torch.optim.Optimizer]
-    muon: Muon | None
+    matrix: torch.optim.Optimizer | None
 
-    def set_lr_multiplier(self, mult: float) -> None:
+    @property
+    def self_synced(self) -> list[Tensor]:
+        """Parameters whose optimizer does its own gradient reduction (left out of DDP)."""
+        if self.matrix is None or not getattr(self.matrix, "owns_grad_sync", False):
+            return []
+        return [p for g in self.matrix.param_groups for p in g["params"]]
+
+    def set_multipliers(self, lr_mult: float, wd_mult: float = 1.0) -> None:
         for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * mult
+                group["lr"] = group["base_lr"] * lr_mult
+                group["weight_decay"] = group["base_wd"] * wd_mult
 
     def set_muon_momentum(self, momentum: float) -> None:
-        if self.muon is not None:
-            for group in self.muon.param_groups:
-                group["momentum"] = momentum
+        if self.matrix is not None:
+            for group in self.matrix.param_groups:
+                if "momentum" in group:
+                    group["momentum"] = momentum
 
     def step(self) -> None:
         for opt in self.optimizers:
@@ -162,56 +199,94 @@ class OptimizerSet:
             opt.load_state_dict(st)
 
 
+@functools.cache
+def _compiled(fn: Orthogonalizer) -> Orthogonalizer:
+    return cast(Orthogonalizer, torch.compile(fn, dynamic=False, fullgraph=True))
+
+
+def compiled_newton_schulz() -> Orthogonalizer:
+    """:func:`newton_schulz` through ``torch.compile`` (one graph per shape; as the baseline does)."""
+    return _compiled(newton_schulz)
+
+
 def build_optimizers(
     model: nn.Module,
+    cfg: OptimConfig,
     *,
-    matrix_lr: float,
-    scalar_lr: float,
-    embed_lr: float,
-    head_lr: float,
-    muon_momentum: float,
-    muon_backend_steps: int,
-    beta1: float,
-    beta2: float,
-    adam_eps: float,
-    rank: int = 0,
-    world_size: int = 1,
-    compile_ns: bool = False,
+    tied: bool,
+    sites: Dispatcher | None = None,
+    runtime: Any = None,
 ) -> OptimizerSet:
-    """One optimizer group per role; every parameter is covered (checked by role_table)."""
+    """One Adam(W) group per non-matrix role and the matrix optimizer (the ``matrix_optimizer``
+    slot, Muon by default) for role-``matrix`` parameters. Every trainable parameter is covered
+    (checked by role_table); role-``adapter`` parameters (evaluation-time adapters) are not trained."""
+    sites = sites or Dispatcher(())
+    rank = getattr(runtime, "rank", 0)
+    world_size = getattr(runtime, "world_size", 1)
+    compile_ns = bool(getattr(runtime, "compile", False))
     roles = role_table(model)
     named = dict(model.named_parameters())
     by_role: dict[Role, list[Tensor]] = {r: [] for r in Role}
     for name, role in roles.items():
         by_role[role].append(named[name])
+    for p in by_role[Role.ADAPTER]:
+        p.requires_grad_(False)
     fused = next(iter(named.values())).is_cuda if named else False
+    embed_lr = cfg.tied_embed_lr if tied else cfg.embed_lr
     adam_groups = [
-        {"params": by_role[Role.EMBEDDING], "lr": embed_lr, "base_lr": embed_lr},
-        {"params": by_role[Role.HEAD], "lr": head_lr, "base_lr": head_lr},
-        {"params": by_role[Role.SCALAR] + by_role[Role.GATE], "lr": scalar_lr, "base_lr": scalar_lr},
-    ]
+        {"params": by_role[Role.EMBEDDING], "lr": embed_lr, "base_lr": embed_lr,
+         "weight_decay": cfg.embed_wd, "base_wd": cfg.embed_wd},
+        {"params": by_role[Role.HEAD], "lr": cfg.head_lr, "base_lr": cfg.head_lr,
+         "weight_decay": cfg.head_wd, "base_wd": cfg.head_wd},
+        {"params": by_role[Role.SCALAR] + by_role[Role.GATE], "lr": cfg.scalar_lr, "base_lr": cfg.scalar_lr,
+         "weight_decay": cfg.scalar_wd, "base_wd": cfg.scalar_wd},
+    ]  # fmt: skip
     adam_groups = [g for g in adam_groups if g["params"]]
     optimizers: list[torch.optim.Optimizer] = []
     if adam_groups:
-        optimizers.append(torch.optim.Adam(adam_groups, betas=(beta1, beta2), eps=adam_eps, fused=fused))
-    muon = None
+        optimizers.append(
+            torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+        )
+    matrix = None
     if by_role[Role.MATRIX]:
         for p in by_role[Role.MATRIX]:
             if p.ndim != 2:
                 raise ValueError(f"a matrix-role parameter must be 2-D; got shape {tuple(p.shape)}")
-        muon = Muon(
-            by_role[Role.MATRIX],
-            ns=compiled_newton_schulz() if compile_ns else newton_schulz,
-            lr=matrix_lr,
-            momentum=muon_momentum,
-            backend_steps=muon_backend_steps,
-            rank=rank,
-            world_size=world_size,
+        ortho: Orthogonalizer = sites.slot("orthogonalize", lambda: newton_schulz)
+        if compile_ns:
+            ortho = _compiled(ortho)
+        update_chain: list[UpdateFn] = sites.chain("muon_update")
+
+        def muon() -> torch.optim.Optimizer:
+            return Muon(
+                by_role[Role.MATRIX],
+                lr=cfg.matrix_lr,
+                momentum=cfg.muon_momentum,
+                backend_steps=cfg.muon_backend_steps,
+                weight_decay=cfg.matrix_wd,
+                rank=rank,
+                world_size=world_size,
+                ns=ortho,
+                update_chain=update_chain,
+            )
+
+        matrix = sites.slot(
+            "matrix_optimizer",
+            muon,
+            params=by_role[Role.MATRIX],
+            lr=cfg.matrix_lr,
+            weight_decay=cfg.matrix_wd,
+            momentum=cfg.muon_momentum,
+            backend_steps=cfg.muon_backend_steps,
+            orthogonalize=ortho,
+            update_chain=update_chain,
+            runtime=runtime,
         )
-        for group in muon.param_groups:
-            group["base_lr"] = matrix_lr
-        optimizers.append(muon)
-    return OptimizerSet(optimizers, muon)
+        for group in matrix.param_groups:
+            group.setdefault("base_lr", cfg.matrix_lr)
+            group.setdefault("base_wd", cfg.matrix_wd)
+        optimizers.append(matrix)
+    return OptimizerSet(optimizers, matrix)
 
 
 def lr_multiplier(

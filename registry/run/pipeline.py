@@ -1,7 +1,9 @@
 """``run(stack) -> RunResult``: the one function the CLI, the tests and the search harness call.
 
-resolve data → build model (slots filled) → train → finalize → export to disk → reload the
-artifact from disk → score → result.json.
+resolve data → build model (sites filled, init event) → train → finalize → calibrate → export to
+disk (verified) → reload the artifact from disk into a fresh build → score → result.json.
+Each phase's seconds are reported; the training side (train + finalize + calibration + export) is
+compared with the wall-clock cap.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from torch import nn
 
 from ..api.config import ResolvedStack, Stack
 from ..api.errors import DataError, PgolfError
-from ..api.roles import Role, format_role_table, role_table, set_role
+from ..api.roles import Role, format_role_table, param_infos, relabel
+from ..api.sites import Dispatcher
 from ..api.technique import Technique
 from ..tools import corpus
 from ..tools.plots import CURVE_FILE, plot_training_curve
@@ -31,6 +34,7 @@ from .dataset import check_dataset
 from .evaluate import EvalResult, evaluate
 from .export import (
     ARTIFACT_NAME,
+    default_quantizer,
     export_bytes,
     load_artifact,
     load_into,
@@ -91,6 +95,12 @@ class RunResult:
     pre_quant_val_bpb: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     train_history: list[dict[str, float]] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(
+        default_factory=dict
+    )  # train/finalize/calibration/export/evaluation
+    training_side_seconds: float = 0.0  # train + finalize + calibration + export
+    over_time: bool = False  # the training side exceeded train.max_wallclock_seconds
+    switches: list[str] = field(default_factory=list)  # switches on at the end of training
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,25 +167,69 @@ def prepare_data(stack: Stack) -> DataSource:
     return DataSource(train, val, tok, desc)
 
 
-def build(
-    rs: ResolvedStack, techniques: Sequence[Technique], device: torch.device, attention: str = "sdpa"
-) -> GPT:
-    m = rs.stack.model
-    model = build_model(
-        rs.spec,
-        techniques,
-        tie_embeddings=m.tie_embeddings,
-        tied_embed_init_std=m.tied_embed_init_std,
-        rope_base=m.rope_base,
-        logit_softcap=m.logit_softcap,
-        qk_gain_init=m.qk_gain_init,
-        attention=attention_kernel(attention, device),
-    )
-    roles = role_table(model)
-    model = model.to(device)  # moving may replace Parameter objects (e.g. to "meta"): relabel them
-    for name, p in model.named_parameters():
-        set_role(p, roles[name])
-    return model
+@dataclass
+class Built:
+    """One build of a stack: its own technique instances, their dispatcher and the model."""
+
+    model: GPT
+    techniques: list[Technique]
+    sites: Dispatcher
+
+
+def build(rs: ResolvedStack, device: torch.device, attention: str = "sdpa") -> Built:
+    """A fresh build of the stack on ``device`` (``meta`` for a dry build): new technique
+    instances, every site filled, the ``init`` event run, every parameter labelled."""
+    techniques = [r.instantiate(rs.spec) for r in rs.techniques]
+    sites = Dispatcher(techniques)
+    kernel = attention_kernel(attention, device)
+    if device.type == "meta":
+        with torch.device("meta"):
+            model = build_model(rs.spec, sites, attention=kernel)
+        return Built(model, techniques, sites)
+    model = build_model(rs.spec, sites, attention=kernel)
+    infos = param_infos(model)
+    model = model.to(device)  # moving may replace Parameter objects: relabel them
+    relabel(model, infos)
+    return Built(model, techniques, sites)
+
+
+@dataclass
+class DryBuild:
+    """What ``pgolf check`` learns from building a stack on the meta device."""
+
+    params: int
+    fills: list[tuple[str, str, str]]  # (site, technique, where)
+    warm_up_states: list[tuple[tuple[str, ...], int]]  # (switches, seq_len) compiled in warm-up
+    time_reserve: float
+    quantizers: dict[str, str]  # tensor -> quantizer or "float"
+
+
+def dry_build(rs: ResolvedStack) -> DryBuild:
+    """Build the stack on the meta device and exercise every site without data or weights: the
+    model (slot conflicts per layer / Linear, module signatures, the ``init`` event, roles and
+    kinds), the export claims of every tensor, the optimizer plan, the schedule (switches, batch
+    shapes, time reserve) and a forward pass in every switch state and sequence length. Raises a
+    :class:`PgolfError` naming the techniques and the site on the first problem."""
+    meta = torch.device("meta")
+    b = build(rs, meta)
+    infos = {n: i for n, i in param_infos(b.model).items() if i.role != Role.ADAPTER}
+    default = default_quantizer(b.sites)
+    quantizers: dict[str, str] = {}
+    for name, info in infos.items():
+        q = b.sites.claimant(info, default)
+        small = info.numel <= rs.stack.export.passthrough_max_numel
+        keep = q is None or info.role == Role.SCALAR or (q is default and small)
+        quantizers[name] = "float" if keep else q.name  # type: ignore[union-attr]
+    runtime = Runtime(device=meta, autocast_dtype=None, compile=False, attention="sdpa")
+    with torch.device("meta"):
+        trainer = Trainer(b.model, b.sites, rs.stack, runtime, None)  # type: ignore[arg-type]
+        state = trainer.new_state()
+        _ = trainer.lr_schedule(state), trainer.wd_schedule(state)
+        states = trainer.warm_up_states()
+        for switches, seq_len in {*states, (eval_switches(b.sites), eval_seq_len(rs.stack))}:
+            idx = torch.zeros(1, seq_len, dtype=torch.int64)
+            b.model(idx, idx, switches=switches)
+    return DryBuild(count_params(b.model), b.sites.summary(), states, trainer.reserve, quantizers)
 
 
 def surrogate_weights_(model: nn.Module, seed: int) -> None:
@@ -183,10 +237,10 @@ def surrogate_weights_(model: nn.Module, seed: int) -> None:
     the way Gaussian ones do, whereas freshly initialised zero projections would compress to
     almost nothing and make the size estimate far too small."""
     gen = torch.Generator().manual_seed(seed)
-    roles = role_table(model)
+    infos = param_infos(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if roles[name] != Role.SCALAR:
+            if infos[name].role not in (Role.SCALAR, Role.ADAPTER):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
 
 
@@ -198,15 +252,18 @@ def estimate_artifact_bytes(
     on disk, or an earlier estimate of the same model layout and export settings): then only
     the counted code is measured (milliseconds)."""
     t0 = time.perf_counter()
-    techniques = [r.instantiate(rs.spec) for r in rs.techniques]
     if model_bytes is None:
-        model = build(rs, techniques, torch.device("cpu"))
-        surrogate_weights_(model, rs.stack.seed)
-        model_bytes = len(export_bytes(model, techniques))
-    code = code_bytes(techniques, default_corpus=rs.stack.data.path is None)
+        b = build(rs, torch.device("cpu"))
+        surrogate_weights_(b.model, rs.stack.seed)
+        model_bytes = len(export_bytes(b.model, b.sites, rs.stack.export))
+    code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
     return SizeEstimate(
         model_bytes, code.bytes, margin, rs.stack.export.artifact_limit, time.perf_counter() - t0
     )
+
+
+def eval_seq_len(stack: Stack) -> int:
+    return stack.eval.seq_len or stack.train.train_seq_len
 
 
 def score_artifact(
@@ -215,25 +272,48 @@ def score_artifact(
     runtime: Runtime,
     source: DataSource,
     *,
-    techniques: Sequence[Technique] | None = None,
     validation: tuple[torch.Tensor, bpb.ByteLUT] | None = None,
     want_nll: bool = False,
 ) -> EvalResult:
-    """Rebuild the model from the artifact on disk and score the validation split
+    """Rebuild the model afresh from the artifact on disk and score the validation split
     (``validation``: the split already loaded by :meth:`DataSource.validation`)."""
-    techniques = techniques or [r.instantiate(rs.spec) for r in rs.techniques]
-    model = build(rs, techniques, runtime.device, runtime.attention)
-    load_into(model, load_artifact(artifact, techniques))
+    b = build(rs, runtime.device, runtime.attention)
+    load_into(b.model, load_artifact(artifact, b.sites, param_infos(b.model)))
     val, lut = validation or source.validation(rs.stack.model.vocab_size)
     return evaluate(
-        model,
+        b.model,
         val,
         lut,
-        seq_len=rs.stack.eval.seq_len or rs.stack.train.train_seq_len,
+        seq_len=eval_seq_len(rs.stack),
         batch_tokens=rs.stack.eval.batch_tokens,
         runtime=runtime,
+        sites=b.sites,
+        switches=eval_switches(b.sites),
         want_nll=want_nll,
     )
+
+
+def training_loader(
+    sites: Dispatcher, source: DataSource, runtime: Runtime, seed: int, vocab_size: int
+) -> Any:
+    """The ``train_loader`` slot over the training shards only (default: the baseline's
+    sequential loader, which range-checks token ids). Validation files are never handed to a
+    technique."""
+    return sites.slot(
+        "train_loader",
+        lambda: data.DistributedTokenLoader(
+            source.train, runtime.rank, runtime.world_size, vocab_size=vocab_size
+        ),
+        files=list(source.train),
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        seed=seed,
+    )
+
+
+def eval_switches(sites: Dispatcher) -> tuple[str, ...]:
+    """The switches that are on when a model of this stack is evaluated (structural ones)."""
+    return tuple(s.name for group in sites.chain("switches") for s in group if s.at_eval)
 
 
 def run(
@@ -282,9 +362,9 @@ def _run(
     if runtime.any_rank(est is not None and not est.fits) and not allow_over_limit:
         raise OverLimitError(est)
     seed_everything(stack.seed)
-    techniques = [r.instantiate(rs.spec) for r in rs.techniques]
-    model = build(rs, techniques, runtime.device, runtime.attention)
-    code = code_bytes(techniques, default_corpus=stack.data.path is None)
+    b = build(rs, runtime.device, runtime.attention)
+    model = b.model
+    code = code_bytes(b.techniques, default_corpus=stack.data.path is None)
     n_params = count_params(model)
     vers = versions(runtime)
     if main:
@@ -307,23 +387,22 @@ def _run(
         )
 
     val_tokens, lut = source.validation(stack.model.vocab_size)
-    eval_len = stack.eval.seq_len or stack.train.train_seq_len
+    loader = training_loader(b.sites, source, runtime, stack.seed, stack.model.vocab_size)
+    trainer = Trainer(model, b.sites, stack, runtime, loader)
 
-    def score(m: nn.Module) -> EvalResult:
+    def score(m: nn.Module, switches: tuple[str, ...]) -> EvalResult:
         return evaluate(
-            m, val_tokens, lut, seq_len=eval_len, batch_tokens=stack.eval.batch_tokens, runtime=runtime
-        )
+            m, val_tokens, lut, seq_len=eval_seq_len(stack), batch_tokens=stack.eval.batch_tokens,
+            runtime=runtime, switches=switches,
+        )  # fmt: skip
 
     def validate(step: int) -> tuple[float, float]:
-        r = score(model)
+        on = tuple(s for s in trainer.eval_switches if s in trainer.state.switches)
+        r = score(model, on)
         if report is not None:
             report({"step": step, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "final": False})
         return r.val_loss, r.val_bpb
 
-    loader = data.DistributedTokenLoader(
-        source.train, runtime.rank, runtime.world_size, vocab_size=stack.model.vocab_size
-    )
-    trainer = Trainer(model, techniques, stack, runtime, loader)
     with LiveProgress(
         console if main else None,
         stack.train.iterations,
@@ -337,23 +416,37 @@ def _run(
         f"trained {tres.steps} steps ({tres.stopped_by}) in {tres.train_seconds:.1f}s: "
         f"{tres.tokens_per_second:,.0f} tokens/s, final train loss {tres.final_train_loss:.4f}"
     )
+    phases: dict[str, float] = {"train": tres.train_seconds}
+    with Phase(phases, "finalize", runtime):
+        trainer.finalize()
+    with Phase(phases, "calibration", runtime):
+        n_cal = trainer.calibrate()
+    if n_cal:
+        log(f"calibration: {n_cal} training batches in {phases['calibration']:.1f}s")
 
-    pre = score(model) if stack.eval.pre_quant else None
+    pre = score(model, trainer.eval_switches) if stack.eval.pre_quant else None
     if pre is not None:
         log(f"pre-export: val_loss {pre.val_loss:.4f} val_bpb {pre.val_bpb:.4f}")
 
     artifact = out_dir / ARTIFACT_NAME
-    if main:
-        with Ticker(console, "exporting the artifact (quantize, pack, compress)"):
-            write_artifact(artifact, model, techniques)
-        write_manifest(out_dir, rs, code, artifact, source.tokenizer, source.val)
-    runtime.barrier()
+    with Phase(phases, "export", runtime):
+        if main:
+            with Ticker(console, "exporting the artifact (quantize, pack, compress, verify)"):
+                write_artifact(artifact, model, b.sites, stack.export)
+            write_manifest(out_dir, rs, code, artifact, source.tokenizer, source.val)
+        runtime.barrier()
     model_bytes = artifact.stat().st_size
-    with Ticker(
-        console if main else None, f"scoring the reloaded artifact on {val_tokens.numel() - 1:,} tokens"
-    ):
-        final = score_artifact(
-            rs, artifact, runtime, source, techniques=techniques, validation=(val_tokens, lut)
+    scoring = f"scoring the reloaded artifact on {val_tokens.numel() - 1:,} tokens"
+    with Phase(phases, "evaluation", runtime), Ticker(console if main else None, scoring):
+        final = score_artifact(rs, artifact, runtime, source, validation=(val_tokens, lut))
+    training_side = sum(phases[k] for k in ("train", "finalize", "calibration", "export"))
+    cap = stack.train.max_wallclock_seconds
+    over = cap > 0 and training_side > cap
+    if over:
+        log(
+            f"warning: the training side took {training_side:.1f}s (train {phases['train']:.1f} + finalize "
+            f"{phases['finalize']:.1f} + calibration {phases['calibration']:.1f} + export "
+            f"{phases['export']:.1f}), over train.max_wallclock_seconds={cap:g}"
         )
     total = model_bytes + code.bytes
     result = RunResult(
@@ -387,6 +480,10 @@ def _run(
         pre_quant_val_bpb=pre.val_bpb if pre else None,
         history=tres.history,
         train_history=bar.points,
+        phase_seconds={k: round(v, 3) for k, v in phases.items()},
+        training_side_seconds=round(training_side, 3),
+        over_time=over,
+        switches=list(tres.switches),
     )
     check_result(result.to_dict())  # a non-finite or empty score is a failed run, never a result
     log(
@@ -411,3 +508,19 @@ def _run(
         report({**result.to_dict(), "step": tres.steps, "final": True})
     log.close()
     return result
+
+
+class Phase:
+    """Adds the wall-clock seconds of a ``with`` block (device synchronised) to ``phases[name]``."""
+
+    def __init__(self, phases: dict[str, float], name: str, runtime: Runtime):
+        self.phases, self.name, self.runtime = phases, name, runtime
+
+    def __enter__(self) -> Phase:
+        self.runtime.synchronize()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runtime.synchronize()
+        self.phases[self.name] = self.phases.get(self.name, 0.0) + time.perf_counter() - self.t0

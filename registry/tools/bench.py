@@ -52,7 +52,7 @@ from torch import nn
 
 from ..api.config import ResolvedStack, stack_from_dict
 from ..api.errors import PgolfError, did_you_mean, os_error_text
-from ..api.technique import REGISTRY, Technique, call_hooks
+from ..api.technique import REGISTRY
 from ..run.model import MLP, Attention, count_params, model_flops_per_token
 
 SCHEMA = "pgolf-bench/1"
@@ -412,17 +412,16 @@ def instrument(trainer: Any, device: torch.device, *, modules: bool) -> Iterator
 
 
 class _StepRunner:
-    """Runs the trainer's real steps the way ``Trainer.run`` does (step, then ``on_step_end``)."""
+    """Advances the real trainer one step at a time (``Trainer.advance``: the optimizer step, the
+    ``on_step`` event and the switches), from the state ``Trainer.begin`` made."""
 
-    def __init__(self, trainer: Any, techniques: Sequence[Technique]):
-        self.trainer, self.techniques, self.step_no = trainer, techniques, 0
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.state = trainer.begin()
         self.last_loss: torch.Tensor | None = None
 
     def __call__(self, elapsed: float = 0.0) -> None:
-        loss, _ = self.trainer.step(self.step_no, elapsed)
-        self.step_no += 1
-        call_hooks(self.techniques, "on_step_end", model=self.trainer.model, step=self.step_no)
-        self.last_loss = loss
+        self.last_loss = self.trainer.advance(self.state, lambda: elapsed)
 
 
 def profile_steps(runner: _StepRunner, runtime: Any, n: int, *, modules: bool, eager: bool) -> dict[str, Any]:
@@ -644,10 +643,9 @@ def measure(
     rs: ResolvedStack, opts: BenchOptions, *, full: bool = True, log: Callable[[str], None] = lambda s: None
 ) -> dict[str, Any]:
     """Bench one stack on this process's device; every figure as a JSON-able mapping."""
-    from ..run import data
     from ..run.evaluate import evaluate
-    from ..run.export import compress, pack, slot_filler
-    from ..run.pipeline import build, prepare_data
+    from ..run.export import encode, export_state, quantize_state, serialize
+    from ..run.pipeline import build, eval_switches, prepare_data, training_loader
     from ..run.runtime import make_runtime, seed_everything, shutdown, versions
     from ..run.train import Trainer
 
@@ -666,20 +664,17 @@ def measure(
     try:
         vers = versions(runtime)
         seed_everything(stack.seed)
-        techniques = [r.instantiate(rs.spec) for r in rs.techniques]
-        model = build(rs, techniques, runtime.device, runtime.attention)
+        b = build(rs, runtime.device, runtime.attention)
+        model = b.model
         n_params = count_params(model)
-        loader = data.DistributedTokenLoader(
-            source.train, runtime.rank, runtime.world_size, vocab_size=stack.model.vocab_size
-        )
-        trainer = Trainer(model, techniques, run_rs.stack, runtime, loader)
+        loader = training_loader(b.sites, source, runtime, stack.seed, stack.model.vocab_size)
+        trainer = Trainer(model, b.sites, run_rs.stack, runtime, loader)
         log(f"  warm-up: {warm} step(s){' (includes torch.compile)' if runtime.compile else ''}")
         t0 = time.perf_counter()
         trainer.warm_up()
         runtime.synchronize()
         warmup_s = time.perf_counter() - t0
-        call_hooks(techniques, "on_train_start", model=model)
-        runner = _StepRunner(trainer, techniques)
+        runner = _StepRunner(trainer)
 
         _reset_peak_memory(runtime.device)
         log(f"  timing {opts.steps} step(s)")
@@ -719,7 +714,7 @@ def measure(
             log(f"  profiling {opts.profile_steps} step(s) for the breakdown")
             breakdown, breakdown_eager = _breakdown(runner, trainer, runtime, opts, notes)
 
-        call_hooks(techniques, "finalize", model=model)
+        trainer.finalize()
 
         evaluation: dict[str, Any] | None = None
         if opts.eval_tokens > 0:
@@ -728,7 +723,8 @@ def measure(
             if n < opts.eval_tokens:
                 notes.append(f"the validation split has only {val.numel() - 1:,} targets; evaluated {n:,}")
             seq = stack.eval.seq_len or stack.train.train_seq_len
-            kw = dict(seq_len=seq, batch_tokens=stack.eval.batch_tokens, runtime=runtime)
+            kw = dict(seq_len=seq, batch_tokens=stack.eval.batch_tokens, runtime=runtime, sites=b.sites,
+                      switches=eval_switches(b.sites))  # fmt: skip
             evaluate(model, val[: min(seq, n) + 1], lut, **kw)  # type: ignore[arg-type]  # warm-up
             log(f"  evaluating {n:,} tokens")
             res = evaluate(model, val[: n + 1], lut, **kw)  # type: ignore[arg-type]
@@ -744,9 +740,10 @@ def measure(
         log("  exporting")
         runtime.synchronize()
         t0 = time.perf_counter()
-        raw = pack(model, techniques)
+        state, infos = export_state(model)
+        raw = serialize(quantize_state(state, infos, b.sites, stack.export), b.sites)
         t1 = time.perf_counter()
-        blob = compress(raw, techniques)
+        blob = encode(raw, b.sites)
         t2 = time.perf_counter()
         export = {
             "seconds": t2 - t0,
@@ -754,8 +751,8 @@ def measure(
             "compress_seconds": t2 - t1,
             "packed_bytes": len(raw),
             "compressed_bytes": len(blob),
-            "quantizer": slot_filler(techniques, "quantize").name,
-            "codec": slot_filler(techniques, "compress").name,
+            "quantizers": [t.name for t in b.sites.implementers("quantize")],
+            "codec": getattr(b.sites.filler("codec"), "name", None),
             "weights": "the model after the warm-up (restored) and the bench's real steps, not trained weights: compression of trained weights takes longer and gives more bytes",
         }
     finally:
@@ -787,7 +784,7 @@ def measure(
             else None,
             "attention": runtime.attention,
             "attention_kernel": next(
-                (type(m.core).__name__ for _, r, m in sublayers(model) if isinstance(m, Attention)), None
+                (type(m.kernel).__name__ for _, r, m in sublayers(model) if isinstance(m, Attention)), None
             ),
             "world_size": runtime.world_size,
             "grad_accum": trainer.accum,
@@ -888,9 +885,9 @@ def _breakdown(
 def technique_variants(
     rs: ResolvedStack, which: str
 ) -> tuple[list[tuple[str, ResolvedStack]], list[dict[str, str]]]:
-    """The stack with each technique added alone (default params): (name, stack) pairs and the
-    skipped ones with a reason. ``which``: ``none``, ``all`` or a comma-separated list."""
-    from ..api.hooks import SLOT_DEFAULTS, SLOTS
+    """The stack with each technique added alone (default params, plus the techniques it
+    requires): (name, stack) pairs and the skipped ones with a reason. ``which``: ``none``, ``all`` or a comma-separated list."""
+    from ..api.sites import DEFAULT_FILLERS, SITES, SLOT
 
     which = which.strip()
     if which in ("", "none"):
@@ -904,7 +901,7 @@ def technique_variants(
             if w not in names:
                 raise PgolfError(f"--techniques: unknown technique {w!r}{did_you_mean(w, names)}")
     present = {r.name for r in rs.techniques if not r.implicit}
-    defaults = set(SLOT_DEFAULTS.values())
+    defaults = set(DEFAULT_FILLERS.values())
     base = rs.to_dict()
     base["techniques"] = {r.name: r.params.model_dump(mode="json") for r in rs.techniques if not r.implicit}
     variants: list[tuple[str, ResolvedStack]] = []
@@ -918,11 +915,14 @@ def technique_variants(
             continue
         cls = REGISTRY.get(name)
         techs = dict(base["techniques"])
-        for _slot, members in SLOTS.items():  # an exclusive slot: the new filler replaces the old
-            if members[0] in cls.hooks:
+        for site in SITES.values():  # a whole-model slot: the new filler replaces the old
+            hook = site.required[0]
+            if site.kind == SLOT and hook in cls.hooks:
                 for other in list(techs):
-                    if members[0] in REGISTRY.get(other).hooks:
+                    if hook in REGISTRY.get(other).hooks:
                         del techs[other]
+        for req in cls.requires:  # measured together with the siblings it needs
+            techs.setdefault(req, {})
         techs[name] = {}
         try:
             v = stack_from_dict(

@@ -215,8 +215,7 @@ def _keep_failed_run(staging: Path, out: Path, e: BaseException) -> PgolfError |
 def cmd_check(args: argparse.Namespace) -> int:
     from ..api.config import load_stack
     from ..run.code import code_bytes
-    from ..run.model import count_params
-    from ..run.pipeline import build, estimate_artifact_bytes, prepare_data
+    from ..run.pipeline import dry_build, estimate_artifact_bytes, prepare_data
     from .progress import Ticker
 
     rs = load_stack(args.stack, args.set)
@@ -227,10 +226,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         hooks = ", ".join(r.cls.hooks) or "-"
         note = "  (slot default)" if r.implicit else ""
         console.print(f"  {i}. {r.name}  [dim]hooks: {hooks}{note}[/dim]")
-    import torch
-
-    n = count_params(build(rs, [r.instantiate(rs.spec) for r in rs.techniques], torch.device("meta")))
-    console.print(f"[bold]parameters[/bold] {n:,}")
+    dry = dry_build(rs)  # meta device: site conflicts and signatures surface before any training
+    console.print("[bold]sites filled[/bold] [dim](dry build on the meta device)[/dim]")
+    for site, tech, where in dry.fills:
+        console.print(f"  {site}: {tech}{('  ' + where) if where else ''}", markup=False)
+    if len(dry.warm_up_states) > 1:
+        shown = "; ".join(f"{'+'.join(sw) or 'none'} @ {n}" for sw, n in dry.warm_up_states)
+        console.print(f"[bold]compiled in warm-up[/bold] (switches @ seq_len): {shown}", markup=False)
+    if dry.time_reserve:
+        console.print(f"[bold]time reserve[/bold] {dry.time_reserve:g}s inside the wall-clock cap")
+    console.print(f"[bold]parameters[/bold] {dry.params:,}")
     code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
     console.print(f"[bold]counted code[/bold] {code.bytes:,} bytes in {len(code.files)} files")
     if not args.no_data:  # shards, id ranges and tokenizer, as `pgolf run` checks them
@@ -420,7 +425,7 @@ def param_docs(params: type[Any]) -> list[tuple[str, str, str]]:
 def _describe_technique(name: str) -> int:
     import inspect
 
-    from ..api.hooks import HOOKS
+    from ..api.sites import HOOKS, SITES
     from ..api.technique import REGISTRY
 
     cls = REGISTRY.get(name)
@@ -434,7 +439,10 @@ def _describe_technique(name: str) -> int:
         console.print(f"  {k}: {escape(default)}  [dim]{escape(what)}[/dim]")
     console.print("[bold]hooks[/bold]")
     for h, hargs in cls.hooks.items():
-        console.print(f"  {h}({', '.join(hargs)})  [dim]{HOOKS[h].kind}: {HOOKS[h].doc}[/dim]")
+        site = SITES[HOOKS[h].site]
+        console.print(
+            f"  {h}({', '.join(hargs)})  [dim]{site.kind} {site.name!r} ({site.plan}): {HOOKS[h].doc}[/dim]"
+        )
     for attr in ("requires", "conflicts", "before", "after", "legality"):
         if getattr(cls, attr):
             console.print(f"[bold]{attr}[/bold] {', '.join(getattr(cls, attr))}")
@@ -444,7 +452,7 @@ def _describe_technique(name: str) -> int:
     if added:
         console.print("[bold]parameters it adds[/bold] (on a 2-layer, width-64 model)")
         for pname, role, shape in added:
-            console.print(f"  {pname}  {shape}  role={role}")
+            console.print(f"  {pname}  {shape}  {role}")
     return 0
 
 
@@ -452,7 +460,7 @@ def _added_parameters(name: str) -> list[tuple[str, str, str]]:
     import torch
 
     from ..api.config import stack_from_dict
-    from ..api.roles import role_of
+    from ..api.roles import kind_of, layer_of, role_of
     from ..run.pipeline import build
 
     tiny = {
@@ -465,13 +473,15 @@ def _added_parameters(name: str) -> list[tuple[str, str, str]]:
     except PgolfError:
         return []  # needs params or other techniques to build
     meta = torch.device("meta")
-    before = {
-        n
-        for n, _ in build(base, [r.instantiate(base.spec) for r in base.techniques], meta).named_parameters()
-    }
-    model = build(with_t, [r.instantiate(with_t.spec) for r in with_t.techniques], meta)
+    before = {n for n, _ in build(base, meta).model.named_parameters()}
+    model = build(with_t, meta).model
     return [
-        (n, getattr(role_of(p), "value", "?"), "x".join(map(str, p.shape)) or "scalar")
+        (
+            n,
+            f"role={getattr(role_of(p), 'value', '?')} kind={getattr(kind_of(p), 'value', '?')}"
+            + (f" layer={layer_of(p)}" if layer_of(p) is not None else ""),
+            "x".join(map(str, p.shape)) or "scalar",
+        )
         for n, p in model.named_parameters()
         if n not in before
     ]

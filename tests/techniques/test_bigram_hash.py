@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pgolf.registry import Ctx
 from pgolf.techniques.bigram_hash import BigramHashEmbedding, BigramHashParams, bigram_hash
 
 
@@ -27,7 +28,7 @@ def test_embedding_adds_scaled_projection_of_the_table_row() -> None:
     x = torch.randn(2, 6, 16)
     h = bigram_hash(idx, 64)
     expected = x + 0.3 * (mod.table.weight[h] @ mod.proj.weight.T)
-    assert torch.allclose(mod(x, idx), expected, atol=1e-6)
+    assert torch.allclose(mod(x, Ctx(idx)), expected, atol=1e-6)
 
 
 def test_starts_silent_but_learns() -> None:
@@ -35,7 +36,7 @@ def test_starts_silent_but_learns() -> None:
     mod = BigramHashEmbedding(BigramHashParams(buckets=64, dim=8), model_dim=16)
     idx = torch.randint(0, 100, (2, 6))
     x = torch.randn(2, 6, 16)
-    out = mod(x, idx)
+    out = mod(x, Ctx(idx))
     assert torch.equal(out, x)  # zero table: no contribution at init
     out.square().sum().backward()
     grad = mod.table.weight.grad

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf.registry import TrainState
 from pgolf.registry.api.config import stack_from_dict
 from pgolf.registry.run.data import DistributedTokenLoader, write_shard
 from pgolf.registry.run.pipeline import build
@@ -35,22 +36,23 @@ def test_finalize_swaps_in_the_average_which_training_tracked(tmp_path: Path) ->
         "techniques": {"ema": {"decay": 0.5}},
     })  # fmt: skip
     torch.manual_seed(0)
-    techs = [r.instantiate(rs.spec) for r in rs.techniques]
-    ema = next(t for t in techs if isinstance(t, EMA))
-    model = build(rs, techs, torch.device("cpu"))
+    b = build(rs, torch.device("cpu"))
+    model = b.model
+    ema = next(t for t in b.techniques if isinstance(t, EMA))
     runtime = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")
-    trainer = Trainer(model, techs, rs.stack, runtime, DistributedTokenLoader([shard], 0, 1))
+    trainer = Trainer(model, b.sites, rs.stack, runtime, DistributedTokenLoader([shard], 0, 1))
     history: list[dict[str, torch.Tensor]] = []
     original_step = trainer.step
 
-    def step(i: int, elapsed: float) -> tuple[torch.Tensor, float]:
-        out = original_step(i, elapsed)
+    def step(state: TrainState) -> torch.Tensor:
+        out = original_step(state)
         history.append({n: p.detach().clone() for n, p in model.named_parameters()})
         return out
 
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.step = step  # type: ignore[method-assign]
     trainer.run()
+    trainer.finalize()
     assert ema.updates == 5 and len(history) == 2 + 5  # warm-up steps are undone and not averaged
     for name, p in model.named_parameters():
         expected = initial[name]

@@ -19,7 +19,7 @@ def test_matches_the_definition() -> None:
 def test_replaces_the_activation_of_selected_layers() -> None:
     rs = stack_from_dict({"model": {"num_layers": 3, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2},
                           "techniques": {"leaky_relu_sq": {"slope": 0.25, "layers": [0, 2]}}})  # fmt: skip
-    model = build(rs, [r.instantiate(rs.spec) for r in rs.techniques], torch.device("cpu"))
+    model = build(rs, torch.device("cpu")).model
     acts = [b.mlp.act for b in model.blocks]
     assert isinstance(acts[0], LeakyReluSquared) and acts[0].slope == 0.25
     assert isinstance(acts[1], ReluSquared) and isinstance(acts[2], LeakyReluSquared)

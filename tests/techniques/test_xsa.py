@@ -29,6 +29,6 @@ def test_matches_reference_and_removes_the_own_value_direction() -> None:
 def test_placed_on_the_selected_layers_only() -> None:
     rs = stack_from_dict({"model": {"num_layers": 4, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2},
                           "techniques": {"xsa": {"layers": "last(2)"}}})  # fmt: skip
-    model = build(rs, [r.instantiate(rs.spec) for r in rs.techniques], torch.device("meta"))
-    placed = [any(isinstance(m, XSAModule) for m in b.attn.out_transforms) for b in model.blocks]
+    model = build(rs, torch.device("meta")).model
+    placed = [any(isinstance(m, XSAModule) for m in b.attn.out) for b in model.blocks]
     assert placed == [False, False, True, True]

@@ -8,8 +8,9 @@ Source: modded-nanogpt; parameter-golf PR #1667, BOS fix from ``R/2026-04-27_*``
 Interactions: without the BOS mask the last token of one document leaks into the next
 document's BOS position in packed streams (PR #1797 was held back for it).
 
-This package lives outside pgolf and registers through the ``pgolf.techniques`` entry point
-(see its pyproject.toml); pgolf's tests install it to prove that path.
+This package lives outside pgolf and registers two techniques through the ``pgolf.techniques``
+entry point (see its pyproject.toml): ``smear_gate`` on the model's ``embed`` chain and
+``uniform_mix`` on the evaluation ``logprobs`` chain. pgolf's tests install it to prove that path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from pgolf.registry import Params, PgolfError, Role, Technique, hook, set_role
+from pgolf.registry import Ctx, Params, PgolfError, Role, Technique, hook, set_role
 
 BOS_ID = 1
 
@@ -42,8 +43,8 @@ class SmearGateModule(nn.Module):
         self.w = set_role(nn.Parameter(torch.zeros(window)), Role.SCALAR)
         self.lam = set_role(nn.Parameter(torch.zeros(())), Role.SCALAR)
 
-    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
-        return smear(x, idx, self.w.to(x.dtype), self.lam.to(x.dtype), self.window)
+    def forward(self, x: Tensor, ctx: Ctx) -> Tensor:
+        return smear(x, ctx.idx, self.w.to(x.dtype), self.lam.to(x.dtype), self.window)
 
 
 class SmearGate(Technique):
@@ -60,3 +61,33 @@ class SmearGate(Technique):
                 f"smear_gate.window={self.params.window} exceeds model_dim={self.spec.model_dim}"
             )
         return SmearGateModule(self.params.window)
+
+
+class UniformMixParams(Params):
+    epsilon: float = Field(0.01, ge=0.0, lt=1.0, description="weight of the uniform distribution")
+
+
+def uniform_mix(logprobs: Tensor, epsilon: float) -> Tensor:
+    """log((1 − ε)·p + ε/V) of log-probabilities (N,V): still a distribution over the vocabulary."""
+    v = logprobs.size(-1)
+    return torch.logaddexp(logprobs + torch.log1p(torch.tensor(-epsilon)), torch.tensor(epsilon / v).log())
+
+
+class UniformMix(Technique):
+    """Uniform mixing of the evaluated distribution: p' = (1 − ε)·p + ε/V at every position.
+
+    What: an evaluation-time transform on the ``logprobs`` chain; it reads nothing but the model's
+    own distribution, so it is causal and normalised by construction.
+    Why: bounds the loss of a confidently wrong prediction (−log(ε/V) at worst).
+    Source: a classic calibration baseline (additive smoothing of a predictive distribution).
+    Interactions: runs after any other logprobs transform listed before it in the stack.
+    Evidence: none measured; it exists to prove a third-party package can fill an evaluation chain.
+    """
+
+    Params = UniformMixParams
+    params: UniformMixParams
+    legality = ("score_first",)
+
+    @hook
+    def transform_logprobs(self, logprobs: Tensor) -> Tensor:
+        return uniform_mix(logprobs, self.params.epsilon)
