@@ -12,7 +12,14 @@ from conftest import BASELINE, tiny_stack
 
 from pgolf.registry import REGISTRY
 from pgolf.registry.api.config import load_stack, stack_from_dict
-from pgolf.registry.run.code import CodeCountError, code_bytes, counted_files
+from pgolf.registry.run.code import (
+    WRAPPER_HEAD,
+    WRAPPER_TAIL,
+    CodeCountError,
+    code_bytes,
+    counted_files,
+    wrapped_size,
+)
 
 PLUGIN = '''
 import sys
@@ -53,15 +60,35 @@ def test_the_corpus_builder_is_counted_only_with_the_default_corpus() -> None:
     default = code_bytes(classes, default_corpus=True)
     corpus = next(f for f in default.entries if f.name == "pgolf/registry/tools/corpus.py")
     assert "pgolf/registry/tools/corpus.py" not in with_path.files
-    assert default.bytes - with_path.bytes == corpus.bytes == len(corpus.path.read_bytes().decode().encode())
+    assert default.source_bytes - with_path.source_bytes == corpus.bytes == len(corpus.path.read_bytes())
+    assert default.bytes > with_path.bytes
 
 
 def test_code_bytes_count_the_core_and_the_techniques_used() -> None:
     plain = code_bytes(_classes(load_stack(BASELINE)))
     with_xsa = code_bytes(_classes(stack_from_dict({"techniques": {"xsa": {}}})))
     xsa = next(f for f in with_xsa.entries if f.name == "pgolf/techniques/xsa.py")
-    assert with_xsa.bytes == sum(len(f.path.read_text(encoding="utf-8").encode()) for f in with_xsa.entries)
-    assert with_xsa.bytes - plain.bytes == xsa.bytes and plain.sha256 != with_xsa.sha256
+    sources = [f.path.read_text(encoding="utf-8").encode() for f in with_xsa.entries]
+    assert with_xsa.source_bytes == sum(len(x) for x in sources)
+    assert with_xsa.source_bytes - plain.source_bytes == xsa.bytes and plain.sha256 != with_xsa.sha256
+    # the counted bytes are those of the self-extracting script of every counted file
+    assert with_xsa.bytes == wrapped_size(b"\n".join(sources)) < with_xsa.source_bytes
+    assert with_xsa.bytes > plain.bytes
+
+
+def test_the_counted_size_is_the_size_of_a_script_that_runs_the_sources(tmp_path: Path) -> None:
+    import base64
+    import lzma
+    import subprocess
+    import sys
+
+    source = b"import math\nprint(sum(math.isqrt(i) for i in range(1000)))\n" * 20
+    blob = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
+    script = WRAPPER_HEAD + blob + WRAPPER_TAIL
+    (tmp_path / "s.py").write_bytes(script)
+    out = subprocess.run([sys.executable, str(tmp_path / "s.py")], capture_output=True, check=True)
+    assert out.stdout.decode().split() == ["20584"] * 20
+    assert wrapped_size(source) == len(script)
 
 
 RUN_AND_LIST = """
@@ -123,7 +150,7 @@ def test_a_local_plugin_and_the_helper_it_imports_from_its_folder_are_counted(tm
     helper_bytes = len((tmp_path / "plug" / "trust_counted_helper.py").read_bytes())
     core = code_bytes([])
     plugin_bytes = len((tmp_path / "plug" / "trust_counted_plugin.py").read_bytes())
-    assert count.bytes == core.bytes + plugin_bytes + helper_bytes
+    assert count.source_bytes == core.source_bytes + plugin_bytes + helper_bytes
 
 
 def test_a_helper_imported_only_inside_a_function_is_counted_too(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Counted code: every source file a run of a stack executes, as UTF-8 bytes.
+"""Counted code: every source file a run of a stack executes, counted as the bytes of a
+self-extracting script that holds them.
 
 The challenge counts the code of a submission in its artifact. Until pgolf generates a single-file
 submission script, the count is the source of every Python file that :func:`run` executes for the
@@ -47,12 +48,13 @@ PLUGIN_FOLDER = "plugins"
 """Local plugin files are counted (and kept in a run folder) under this name."""
 
 CODE_BYTES_METHOD = (
-    "sum of the UTF-8 source bytes of every Python file the run executes: the pgolf modules "
-    "reached by imports from pgolf.registry.run.pipeline (with their packages' __init__.py), "
-    "each technique's file and what it imports from its own folder or package, and the "
+    "the size of a one-line self-extracting script (base85 of the LZMA preset 9e of the sources, the "
+    "form records submitted their code in from 04-03 on) holding every Python file the run executes: "
+    "the pgolf modules reached by imports from pgolf.registry.run.pipeline (with their packages' "
+    "__init__.py), each technique's file and what it imports from its own folder or package, and the "
     "default-corpus builder when the default corpus is used; the standard library, installed "
-    "libraries and unused built-in techniques are not counted. A generated single-file submission "
-    "script will replace this count"
+    "libraries and unused built-in techniques are not counted (source_bytes is their plain UTF-8 "
+    "size). A generated single-file submission script will replace this count"
 )
 
 _DYNAMIC_CALLS = {
@@ -86,11 +88,26 @@ class CountedFile:
 
 @dataclass(frozen=True)
 class CodeCount:
-    bytes: int
+    bytes: int  # counted: the self-extracting script's size (see wrapped_size)
     files: tuple[str, ...]
     sha256: str  # first 16 hex digits, over every file's name and content
     method: str = CODE_BYTES_METHOD
     entries: tuple[CountedFile, ...] = ()
+    source_bytes: int = 0  # the plain UTF-8 size of the files
+
+
+def wrapped_size(source: bytes) -> int:
+    """Bytes of a one-line script that runs ``source``: the base85 of its LZMA (preset 9 extreme)
+    inside ``exec(lzma.decompress(base64.b85decode(...)))`` — the form the records submitted."""
+    import base64
+    import lzma
+
+    blob = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
+    return len(WRAPPER_HEAD + blob + WRAPPER_TAIL)
+
+
+WRAPPER_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode("'
+WRAPPER_TAIL = b'")))\n'
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,14 +382,17 @@ def counted_files(
 def code_bytes(
     techniques: Sequence[Technique | type[Technique]], *, default_corpus: bool = False
 ) -> CodeCount:
-    """UTF-8 byte count and content hash of the files :func:`counted_files` lists."""
+    """Counted bytes (the self-extracting size of the files :func:`counted_files` lists, joined
+    in that order), their plain size and a content hash."""
     files = counted_files(techniques, default_corpus=default_corpus)
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.name}\0{f.sha256}\n".encode())
+    source = b"\n".join(f.path.read_bytes() for f in files)
     return CodeCount(
-        bytes=sum(f.bytes for f in files),
+        bytes=wrapped_size(source),
         files=tuple(f.name for f in files),
         sha256=h.hexdigest()[:16],
         entries=tuple(files),
+        source_bytes=sum(f.bytes for f in files),
     )

@@ -85,6 +85,7 @@ class RunResult:
     stack_hash: str = ""
     code_hash: str = ""
     code_bytes_method: str = ""
+    code_source_bytes: int = 0  # the plain UTF-8 size of the counted files
     code_files: list[str] = field(default_factory=list)
     techniques: list[str] = field(default_factory=list)
     stopped_by: str = ""
@@ -471,6 +472,7 @@ def _run(
         stack_hash=rs.hash(),
         code_hash=code.sha256,
         code_bytes_method=code.method,
+        code_source_bytes=code.source_bytes,
         code_files=list(code.files),
         techniques=rs.technique_names(),
         stopped_by=tres.stopped_by,
