@@ -90,9 +90,8 @@ def test_trainer_reports_at_least_every_second_of_training(
     rs = stack_from_dict(d)
     source = prepare_data(rs.stack)
     rt = make_runtime(rs.stack.train)
-    techniques = [r.instantiate(rs.spec) for r in rs.techniques]
-    model = build(rs, techniques, rt.device)
-    trainer = T.Trainer(model, techniques, rs.stack, rt, data.DistributedTokenLoader(source.train, 0, 1))
+    b = build(rs, rt.device)
+    trainer = T.Trainer(b.model, b.sites, rs.stack, rt, data.DistributedTokenLoader(source.train, 0, 1))
     ticks = itertools.count()
     monkeypatch.setattr(T.time, "perf_counter", lambda: next(ticks) * 0.25)  # a slow machine
     seen: list[int] = []
