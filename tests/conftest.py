@@ -54,6 +54,21 @@ def counted_code_bytes(stack: Path = BASELINE) -> int:
     return code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None).bytes
 
 
+def tiny_build(techniques: dict[str, Any], *, device: str = "cpu", seed: int = 0, **model: Any) -> Any:
+    """A fresh build (model, technique instances, sites) of a width-32 GQA stack (4 query / 2 KV
+    heads, 2 layers, vocab 64, train_seq_len 16) with ``techniques``; ``model`` keys override its
+    shape."""
+    from pgolf.registry.api.config import stack_from_dict
+    from pgolf.registry.run.pipeline import build
+    from pgolf.registry.run.runtime import seed_everything
+
+    shape = {"num_layers": 2, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 64, **model}
+    train = {"train_seq_len": 16, "train_batch_tokens": 64, "micro_batch_tokens": 32}
+    rs = stack_from_dict({"model": shape, "train": train, "techniques": techniques})
+    seed_everything(seed)
+    return build(rs, torch.device(device))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
