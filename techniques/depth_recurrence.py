@@ -56,7 +56,10 @@ class DepthRecurrenceParams(Params):
         None, min_length=1, description="explicit decoder order (physical indices), with encoder"
     )
     start_fraction: float = Field(
-        0.35, ge=0.0, le=1.0, description="training fraction at which the looped order switches on"
+        0.35,
+        ge=0.0,
+        le=1.0,
+        description="training fraction at which the looped order switches on (0: after the first step)",
     )
 
     @model_validator(mode="after")
