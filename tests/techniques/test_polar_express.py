@@ -55,7 +55,9 @@ def test_fewer_steps_use_the_first_coefficients_and_more_repeat_the_last() -> No
     three = polar_express(g, 3, dtype=torch.float64)
     assert torch.allclose(three, reference(g, RECORD_COEFFICIENTS[:3]), atol=1e-10)
     seven = polar_express(g, 7, dtype=torch.float64)
-    assert torch.allclose(seven, reference(g, RECORD_COEFFICIENTS + [RECORD_COEFFICIENTS[-1]] * 2), atol=1e-10)
+    assert torch.allclose(
+        seven, reference(g, RECORD_COEFFICIENTS + [RECORD_COEFFICIENTS[-1]] * 2), atol=1e-10
+    )
     with pytest.raises(ValueError, match="at least one iteration"):
         polar_express(g, 0)
 
@@ -77,7 +79,9 @@ def test_zero_update_stays_zero_and_finite() -> None:
 
 
 def test_muon_uses_it_for_the_orthogonalized_update(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    b, trainer = tiny_trainer(tiny_stack({"polar_express": {}}, optim={"matrix_lr": 1.0}), token_shard(tmp_path))
+    b, trainer = tiny_trainer(
+        tiny_stack({"polar_express": {}}, optim={"matrix_lr": 1.0}), token_shard(tmp_path)
+    )
     muon = trainer.opt.matrix
     assert isinstance(muon, Muon) and muon.ns is orthogonalizer(0.0)
     w = b.model.blocks[1].mlp.fc.weight
