@@ -43,7 +43,9 @@ Sites: the per-tensor ``quantizer`` slot (``claims``, ``quantize``, ``dequantize
 
 Interactions: calibration reads training batches inside the wall-clock cap (``reserve_seconds`` is
 subtracted from it, so ``warmdown_fraction``/``cosine_lr`` fractions account for it); validation
-data is never read. ``late_qat`` should use the same bits and kinds. After full GPTQ, score-first
+data is never read. pgolf also counts the export, where the GPTQ solve runs (on the device that
+gathered the Hessians), against the cap: size the reserve for both (one CPU thread solves a
+512×2048 matrix in about 2 s). ``late_qat`` should use the same bits and kinds. After full GPTQ, score-first
 TTT became neutral or negative on SP1024 stacks (``R/2026-03-25``, ``R/2026-03-29``); AdamW TTT
 destroys GPTQ's narrow minima. Tensors outside ``scope`` go to the default ``int8_rowwise``. The
 size estimate uses round-to-nearest codes, whose entropy is slightly below GPTQ's.
@@ -125,7 +127,10 @@ class GPTQParams(Params):
     block_size: int = Field(128, ge=1, le=8192, description="columns per lazy-update block")
     act_order: bool = Field(True, description="quantize columns in descending diag(H) order")
     reserve_seconds: float = Field(
-        8.0, ge=0, le=600, description="seconds kept free inside the wall-clock cap for calibration"
+        8.0,
+        ge=0,
+        le=600,
+        description="seconds kept free inside the wall-clock cap for calibration and the solve",
     )
     max_error_ratio: float = Field(
         4.0,
