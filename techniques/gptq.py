@@ -72,6 +72,7 @@ from pgolf.registry import (
     Kind,
     ParamInfo,
     Params,
+    PgolfError,
     Role,
     Technique,
     Tensors,
@@ -326,7 +327,7 @@ class GPTQ(Technique):
     def quantize(self, name: str, tensor: Tensor, info: ParamInfo) -> dict[str, Tensor]:
         w = tensor.detach().float().cpu()
         if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"gptq: tensor {name} holds NaN or inf values")
+            raise PgolfError(f"tensor {name} holds NaN or inf values; refusing to export it (gptq)")
         qmax = self.qmax(info.kind)
         scale = self.scales(w, info.kind)
         h = self.hessian(name, w.shape[1])
@@ -407,6 +408,8 @@ class GPTQ(Technique):
 
     def _collector(self, name: str) -> Any:
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], Tensor):
+                return  # called without a positional input: nothing pgolf's model does
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])
             with torch.autocast(x.device.type, enabled=False):

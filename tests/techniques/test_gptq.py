@@ -299,3 +299,14 @@ def test_size_estimate_runs_without_calibration() -> None:
     rs = tiny_stack({"gptq": {}}, export={"passthrough_max_numel": 0})
     est = estimate_artifact_bytes(rs)
     assert est.model_bytes > 0
+
+
+def test_non_finite_weights_are_refused_with_the_tensor_name() -> None:
+    w = torch.randn(4, 8)
+    w[1, 2] = float("nan")
+    with pytest.raises(PgolfError, match="tensor blocks.0.mlp.fc.weight holds NaN"):
+        GPTQ(GPTQParams(), None).quantize(  # type: ignore[arg-type]
+            "blocks.0.mlp.fc.weight",
+            w,
+            ParamInfo("blocks.0.mlp.fc.weight", Role.MATRIX, Kind.MLP_UP, 0, (4, 8)),
+        )
