@@ -59,7 +59,7 @@ class DepthRecurrenceParams(Params):
         0.35,
         ge=0.0,
         le=1.0,
-        description="training fraction at which the looped order switches on (0: after the first step)",
+        description="training fraction at which the looped order switches on (0: from the first step)",
     )
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ What, per matrix W (rows = outputs, cols = inputs) at b bits, q_max = 2^(b−1) 
    normalised attention input, O the attention output, MLP-up the normalised MLP input, MLP-down
    the activation; a layer a depth-recurrent schedule runs twice accumulates both passes). The
    output head's weight (the tied embedding) gets H from the head's input, the final-norm output
-   (a pre-hook on ``model.head``). Sums in fp32 with autocast off; all-reduced across ranks.
+   (a pre-hook on the output projection ``model.lm_head``). Sums in fp32 with autocast off; all-reduced across ranks.
 2. Per-row scales s_r, fixed before GPTQ and stored in fp16 (the quantization uses the stored
    value): ``sdclip``: s_r = k·std(W_r)/q_max (population std; max|W_r|/q_max for a constant row); ``percentile``: s_r =
    quantile_p(|W_r|)/q_max with p the candidate of ``percentiles`` whose round-to-nearest error of
@@ -391,12 +391,14 @@ class GPTQ(Technique):
         claimed weight: Linear modules, and the head for the output weight (tied embedding)."""
         infos = param_infos(model)
         names = {id(p): n for n, p in model.named_parameters()}
-        head = getattr(model, "head", None)
-        head_weight = getattr(model, "head_weight", None)
+        # the output projection (model.lm_head): its input is the final-norm output, whether its
+        # weight is the tied embedding or an untied head
+        proj = getattr(model, "lm_head", None)
+        head_weight = getattr(proj, "weight", None)
         head_name = names.get(id(head_weight)) if head_weight is not None else None
         out: dict[str, tuple[nn.Module, int]] = {}
-        if head is not None and head_name is not None and self.claims(infos[head_name]):
-            out[head_name] = (head, int(head_weight.shape[1]))  # type: ignore[union-attr]
+        if proj is not None and head_name is not None and self.claims(infos[head_name]):
+            out[head_name] = (proj, int(head_weight.shape[1]))  # type: ignore[union-attr]
         for module in model.modules():
             if not isinstance(module, nn.Linear):
                 continue

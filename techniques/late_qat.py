@@ -27,9 +27,8 @@ chain.
 Interactions: ``bits`` and ``kinds`` should match the export quantizer of those tensors (``gptq``
 bits 6, scope matrices; int8 noise with an int5 export hurt, ``N/2026-03-21``). The switch follows
 the ``lr_schedule`` slot: with ``warmdown_fraction``'s min_lr ≥ threshold it never turns on.
-The untied head's Linear (kind ``head``) is never run through its forward (the head slot uses its
-weight directly), so selecting ``head`` has no effect. Another ``linear_weight`` filler on the same
-Linear is a conflict. Its gain only shows at the end of training (``gain_at_end``).
+Selecting ``head`` fake-quantizes the output projection (the tied embedding as the head, or an
+untied head). Another ``linear_weight`` filler on the same Linear is a conflict. Its gain only shows at the end of training (``gain_at_end``).
 
 Evidence (records, 8×H100): threshold 0.1 → 0.15: −0.0001 BPB (``R/2026-03-22``); full-run STE int6
 QAT: quantization gap ≈ 0 at 72 vs 69 ms/step. Dropped from the 04-01+ lineage (GPTQ + SDClip

@@ -53,7 +53,7 @@ def stack_with(name: str, size: str = "2x32-gqa2") -> ResolvedStack:
     techniques: dict[str, Any] = {req: {} for req in cls.requires}
     # record defaults sized for 11 layers × 512 may not fit the contract models: a technique can
     # name the params its contract runs use (``contract_params``); its defaults are validated below
-    techniques[name] = dict(getattr(cls, "contract_params", {}))
+    techniques[name] = dict(cls.contract_params)
     return stack_from_dict(
         {
             "model": {**SIZES[size], "vocab_size": 128},

@@ -22,7 +22,7 @@ TECHNIQUES = [n for n in REGISTRY.names() if n not in DEFAULT_FILLERS.values()]
 def test_each_technique_runs_end_to_end(name: str, cache_dir: Path, tmp_path: Path) -> None:
     cls = REGISTRY.get(name)
     techniques = {req: {} for req in cls.requires}
-    techniques[name] = dict(getattr(cls, "contract_params", {}))  # params that fit the tiny models
+    techniques[name] = dict(cls.contract_params)  # params that fit the tiny models
     d = tiny_stack(cache_dir, techniques=techniques, eval={"seq_len": 64, "batch_tokens": 4096})
     d["train"] = {**d["train"], "iterations": 4, "warmdown_iters": 2}
     r = run(stack_from_dict(d), tmp_path, estimate=False)

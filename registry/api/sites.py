@@ -134,8 +134,9 @@ SITES: dict[str, Site] = {
               ("final", (), "module m(x, ctx) -> x", ("x", "ctx"))),
         _site("head", "model", SLOT, "tied/untied projection + softcap c·tanh(z/c)",
               "final hidden state to logits (and the training loss)",
-              ("head", (), "a Head module: forward(h, weight, ctx) -> fp32 logits (B,T,V); "
-               "loss(h, weight, targets, ctx, reduction) -> loss in nats", None)),
+              ("head", (), "a Head module: forward(h, out, ctx) -> fp32 logits (B,T,V) with out(h, ctx) the "
+               "raw logits and out.effective_weight(ctx) the output weight (V,D); "
+               "loss(h, out, targets, ctx, reduction) -> loss in nats", None)),
         _site("init", "model", EVENT, "-",
               "after the model is built, before roles are checked, the size is estimated and optimizers "
               "are made (runs on the meta device in `pgolf check`)",

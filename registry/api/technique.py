@@ -114,6 +114,10 @@ class Technique:
     ``legality``     tags for evaluation-time behaviour, from :data:`LEGALITY_TAGS`.
     ``gain_at_end``  True when its benefit only shows at the end of training (EMA, QAT, ...):
                      a search scheduler must not stop such a trial before its last report.
+    ``contract_params``  params the generated contract and end-to-end tests use, for
+                     techniques whose defaults (sized for the records' 11 × 512 models) do not
+                     fit 2–4-layer test models (e.g. a loop over layers 3–5); defaults are still
+                     validated.
 
     A technique fills sites by implementing hooks (see :mod:`pgolf.registry.api.sites`); one
     instance is made per build (training model, size estimate, reloaded artifact), so state
@@ -128,12 +132,23 @@ class Technique:
     after: ClassVar[tuple[str, ...]] = ()
     legality: ClassVar[tuple[str, ...]] = ()
     gain_at_end: ClassVar[bool] = False
+    contract_params: ClassVar[dict[str, Any]] = {}
     hooks: ClassVar[dict[str, tuple[str, ...]]] = {}  # hook name -> argument names it takes
     origin: ClassVar[str] = ""  # where it was registered from (module or plugin)
 
     def __init__(self, params: ParamsBase, spec: ModelSpec):
         self.params = params
         self.spec = spec
+        self._log: Callable[[str], None] | None = None
+
+    def log(self, message: str) -> None:
+        """A line in the run's log (``run.log`` and the console), prefixed with the technique's
+        name; dropped when the technique runs outside a run (tests, the size estimate)."""
+        if self._log is not None:
+            self._log(f"{self.name}: {message}")
+
+    def bind_log(self, sink: Callable[[str], None] | None) -> None:
+        self._log = sink
 
     # -- state owned by the technique (EMA weights, calibrated temperature, ...) --------------
     def state_dict(self) -> dict[str, Any]:

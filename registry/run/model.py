@@ -183,15 +183,19 @@ class SkipMerge(nn.Module):
 
 
 class Head(nn.Module):
-    """The head slot: final hidden state (B,T,D) and the output weight (V,D) -> fp32 logits.
+    """The head slot: final hidden state h (B,T,D) and the model's output projection ``out`` ->
+    fp32 logits (B,T,V).
 
-    ``loss`` is cross-entropy in nats on those logits; a head may override it (fused kernels)."""
+    ``out(h, ctx)`` gives the raw logits h·Wᵀ (with the head's ``linear_weight`` transform and
+    ``linear_adapter`` chain applied); ``out.effective_weight(ctx)`` is W (V,D) for heads that
+    fuse the projection into their own kernel. ``loss`` is cross-entropy in nats on the logits; a
+    head may override it (fused kernels)."""
 
-    def forward(self, h: Tensor, weight: Tensor, ctx: Ctx) -> Tensor:
+    def forward(self, h: Tensor, out: nn.Module, ctx: Ctx) -> Tensor:
         raise NotImplementedError
 
-    def loss(self, h: Tensor, weight: Tensor, targets: Tensor, ctx: Ctx, reduction: str = "mean") -> Tensor:
-        logits = self(h, weight, ctx)
+    def loss(self, h: Tensor, out: nn.Module, targets: Tensor, ctx: Ctx, reduction: str = "mean") -> Tensor:
+        logits = self(h, out, ctx)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss if reduction != "none" else loss.view_as(targets)
 
@@ -203,8 +207,8 @@ class SoftcapHead(Head):
         super().__init__()
         self.cap = cap
 
-    def forward(self, h: Tensor, weight: Tensor, ctx: Ctx) -> Tensor:
-        return softcap(F.linear(h, weight.to(h.dtype)).float(), self.cap)
+    def forward(self, h: Tensor, out: nn.Module, ctx: Ctx) -> Tensor:
+        return softcap(out(h, ctx).float(), self.cap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,11 +247,51 @@ class Linear(nn.Linear):
             )
         )
 
+    def effective_weight(self, ctx: Ctx | None = None) -> Tensor:
+        """The weight the forward uses (after the ``linear_weight`` slot)."""
+        return self.weight if self.weight_transform is None else self.weight_transform(self.weight, ctx)
+
     def forward(self, x: Tensor, ctx: Ctx | None = None) -> Tensor:
-        w = self.weight if self.weight_transform is None else self.weight_transform(self.weight, ctx)
-        y = F.linear(x, w)
+        y = F.linear(x, self.effective_weight(ctx))
         for adapter in self.adapters:
             y = adapter(x, y, ctx)
+        return y
+
+
+class TiedOutput(nn.Module):
+    """The output projection of a tied model: the token embedding's weight (held by the model, not
+    by this module) through the head's ``linear_weight`` slot and ``linear_adapter`` chain."""
+
+    def __init__(self, embedding: nn.Embedding, spec: ModelSpec, sites: Dispatcher):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # a reference, not a second copy
+        self.weight_transform: nn.Module | None = sites.slot(
+            "linear_weight", None, "head (tied)", kind=Kind.HEAD, layer=None
+        )
+        self.adapters = nn.ModuleList(
+            sites.chain(
+                "linear_adapter",
+                kind=Kind.HEAD,
+                layer=None,
+                in_features=spec.model_dim,
+                out_features=spec.vocab_size,
+            )
+        )
+
+    @property
+    def weight(self) -> Tensor:
+        """The token embedding's weight (V,D): the parameter this projection multiplies by."""
+        embedding: nn.Embedding = self._embedding  # type: ignore[assignment]
+        return embedding.weight
+
+    def effective_weight(self, ctx: Ctx | None = None) -> Tensor:
+        w = self.weight
+        return w if self.weight_transform is None else self.weight_transform(w, ctx)
+
+    def forward(self, h: Tensor, ctx: Ctx | None = None) -> Tensor:
+        y = F.linear(h, self.effective_weight(ctx).to(h.dtype))
+        for adapter in self.adapters:
+            y = adapter(h, y, ctx)
         return y
 
 
@@ -360,8 +404,8 @@ class GPT(nn.Module):
             "skip_merge", lambda: SkipMerge(n_skips, spec.model_dim), num_skips=n_skips
         )
         self.final = nn.ModuleList(sites.chain("final"))
-        self.lm_head = (
-            None
+        self.lm_head: nn.Module = (
+            TiedOutput(self.tok_emb, spec, sites)
             if spec.tie_embeddings
             else Linear(spec.model_dim, spec.vocab_size, Role.HEAD, Kind.HEAD, zero=True, sites=sites)
         )
@@ -392,21 +436,17 @@ class GPT(nn.Module):
             x = transform(x, ctx)
         return rms_norm(x), ctx
 
-    @property
-    def head_weight(self) -> Tensor:
-        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-
     def logits(self, idx: Tensor, switches: tuple[str, ...] = ()) -> Tensor:
         """fp32 logits (B,T,V) from the head slot (soft-capped by default)."""
         h, ctx = self.hidden(idx, switches)
-        return cast(Tensor, self.head(h, self.head_weight, ctx))
+        return cast(Tensor, self.head(h, self.lm_head, ctx))
 
     def forward(
         self, idx: Tensor, targets: Tensor, reduction: str = "mean", switches: tuple[str, ...] = ()
     ) -> Tensor:
         """Cross-entropy in nats: a scalar (``mean``) or per token (B,T) (``none``)."""
         h, ctx = self.hidden(idx, switches)
-        return self.head.loss(h, self.head_weight, targets, ctx, reduction)
+        return self.head.loss(h, self.lm_head, targets, ctx, reduction)
 
 
 def check_schedule(schedule: BlockSchedule, num_layers: int) -> None:
@@ -463,6 +503,7 @@ __all__ = [
     "SequentialResidual",
     "SkipMerge",
     "SoftcapHead",
+    "TiedOutput",
     "apply_rotary",
     "attention_kernel",
     "build_model",

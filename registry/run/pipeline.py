@@ -365,6 +365,8 @@ def _run(
     seed_everything(stack.seed)
     b = build(rs, runtime.device, runtime.attention)
     model = b.model
+    for t in b.techniques:
+        t.bind_log(log)
     code = code_bytes(b.techniques, default_corpus=stack.data.path is None)
     n_params = count_params(model)
     vers = versions(runtime)

@@ -261,9 +261,11 @@ class Trainer:
         self.opt.zero_grad()
         self.loader.reset()
 
-    def begin(self) -> TrainState:
-        """A fresh training state after the warm-up; runs the ``on_train_start`` event."""
+    def begin(self, log: Callable[[str], None] = lambda s: None) -> TrainState:
+        """A fresh training state after the warm-up: switches already due at the start are on,
+        and the ``on_train_start`` event has run."""
         self.state = state = self.new_state()
+        self._flip_switches(state, log)
         self.sites.event("on_train_start", model=self.model, state=state)
         return state
 
@@ -289,7 +291,7 @@ class Trainer:
     ) -> TrainResult:
         cfg, rt = self.cfg, self.runtime
         self.warm_up()
-        state = self.begin()
+        state = self.begin(log)
         history: list[dict[str, float]] = []
         clock = Stopwatch(rt.synchronize)
         loss, stopped_by = torch.full((), float("nan")), "iterations"

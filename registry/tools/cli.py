@@ -229,10 +229,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     dry = dry_build(rs)  # meta device: site conflicts and signatures surface before any training
     console.print("[bold]sites filled[/bold] [dim](dry build on the meta device)[/dim]")
     for site, tech, where in dry.fills:
-        console.print(f"  {site}: {tech}{('  ' + where) if where else ''}", markup=False)
+        console.print(f"  {site}: {tech}{('  ' + where) if where else ''}", markup=False, highlight=False)
     if len(dry.warm_up_states) > 1:
         shown = "; ".join(f"{'+'.join(sw) or 'none'} @ {n}" for sw, n in dry.warm_up_states)
-        console.print(f"[bold]compiled in warm-up[/bold] (switches @ seq_len): {shown}", markup=False)
+        console.print(f"[bold]compiled in warm-up[/bold] (switches @ seq_len): {escape(shown)}")
     if dry.time_reserve:
         console.print(f"[bold]time reserve[/bold] {dry.time_reserve:g}s inside the wall-clock cap")
     console.print(f"[bold]parameters[/bold] {dry.params:,}")
@@ -467,14 +467,19 @@ def _added_parameters(name: str) -> list[tuple[str, str, str]]:
         "model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 64},
         "train": {"train_seq_len": 16, "micro_batch_tokens": 16, "train_batch_tokens": 16},
     }
+    from ..api.technique import REGISTRY
+
+    cls = REGISTRY.get(name)
+    techniques: dict[str, Any] = {req: {} for req in cls.requires}
+    techniques[name] = dict(cls.contract_params)  # params that fit a 2-layer model
     base = stack_from_dict(tiny)
-    try:
-        with_t = stack_from_dict({**tiny, "techniques": {name: {}}})
-    except PgolfError:
-        return []  # needs params or other techniques to build
     meta = torch.device("meta")
-    before = {n for n, _ in build(base, meta).model.named_parameters()}
-    model = build(with_t, meta).model
+    try:
+        with_t = stack_from_dict({**tiny, "techniques": techniques})
+        before = {n for n, _ in build(base, meta).model.named_parameters()}
+        model = build(with_t, meta).model
+    except PgolfError:
+        return []  # needs other params to build on a 2-layer model
     return [
         (
             n,

@@ -63,7 +63,7 @@ def test_model_runs_the_looped_order_when_the_switch_is_on(form: str) -> None:
     assert eval_switches(b.sites) == ("depth_recurrence",)  # stays on when the model is scored
 
 
-def test_switch_flips_at_the_training_fraction(tmp_path: Path) -> None:
+def _trainer(tmp_path: Path, start_fraction: float) -> tuple[Any, Trainer]:
     shard = tmp_path / "fineweb_train_000000.bin"
     write_shard(shard, np.random.default_rng(0).integers(0, 64, 2048))
     train = {"train_seq_len": 16, "train_batch_tokens": 32, "micro_batch_tokens": 32, "iterations": 5,
@@ -73,7 +73,12 @@ def test_switch_flips_at_the_training_fraction(tmp_path: Path) -> None:
             "model": {"num_layers": 3, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 64},
             "train": train,
             "techniques": {
-                "depth_recurrence": {"loop_start": 1, "loop_end": 1, "num_loops": 1, "start_fraction": 0.35}
+                "depth_recurrence": {
+                    "loop_start": 1,
+                    "loop_end": 1,
+                    "num_loops": 1,
+                    "start_fraction": start_fraction,
+                }
             },
         }
     )
@@ -81,6 +86,11 @@ def test_switch_flips_at_the_training_fraction(tmp_path: Path) -> None:
     b = build(rs, torch.device("cpu"))
     cpu = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")
     trainer = Trainer(b.model, b.sites, rs.stack, cpu, DistributedTokenLoader([shard], 0, 1))
+    return b, trainer
+
+
+def test_switch_flips_at_the_training_fraction(tmp_path: Path) -> None:
+    b, trainer = _trainer(tmp_path, 0.35)
     per_forward: list[tuple[str, ...]] = []
     b.model.register_forward_pre_hook(lambda m, a, kw: per_forward.append(kw["switches"]), with_kwargs=True)
     blocks: list[int] = []
@@ -92,6 +102,16 @@ def test_switch_flips_at_the_training_fraction(tmp_path: Path) -> None:
     assert result.switches == on
     assert any("step 2: switch(es) depth_recurrence on (fraction 0.400)" in line for line in lines)
     assert blocks == [1, 2, 3, 3, 4, 4, 5, 5]  # block 1 runs twice per forward once looped
+
+
+def test_a_switch_due_at_the_start_is_on_from_the_first_step(tmp_path: Path) -> None:
+    b, trainer = _trainer(tmp_path, 0.0)
+    per_forward: list[tuple[str, ...]] = []
+    b.model.register_forward_pre_hook(lambda m, a, kw: per_forward.append(kw["switches"]), with_kwargs=True)
+    lines: list[str] = []
+    trainer.run(log=lines.append)
+    assert per_forward == [("depth_recurrence",)] * 5
+    assert any("step 0: switch(es) depth_recurrence on" in line for line in lines)
 
 
 def test_orders_that_do_not_fit_the_model_are_errors() -> None:

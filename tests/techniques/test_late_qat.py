@@ -105,3 +105,22 @@ def test_compiled_model_follows_the_switch_and_agrees_with_eager() -> None:
     assert (eager_on - eager_off).abs().max() > 1e-2  # fake quantization at 3 bits is visible
     assert torch.allclose(fast_off, eager_off, atol=1e-5)
     assert torch.allclose(fast_on, eager_on, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fake_quantization_reaches_the_output_projection_tied_or_not(tied: bool) -> None:
+    from pgolf.registry.api.config import stack_from_dict
+    from pgolf.registry.run.pipeline import build
+    from pgolf.techniques.late_qat import SWITCH
+
+    rs = stack_from_dict({"model": {"num_layers": 1, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2,
+                                    "vocab_size": 64, "tie_embeddings": tied},
+                          "techniques": {"late_qat": {"kinds": ["head"], "bits": 2}}})  # fmt: skip
+    model = build(rs, torch.device("cpu")).model
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    idx = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        off, on = model.logits(idx), model.logits(idx, (SWITCH,))
+    assert not torch.allclose(off, on)  # 2-bit output weights change the logits
