@@ -347,6 +347,10 @@ class GPTQ(Technique):
                     codes, method = g, "gptq"
         err = float((w - dequantize(codes, scale)).norm() / w.norm().clamp_min(1e-30))
         self.report[name] = TensorReport(method, self.rows.get(name, 0), err)
+        if method != "gptq" and self.hessians:  # (without calibration, e.g. the size estimate: all rtn)
+            self.log(
+                f"{name}: {method} (relative error {err:.4f}, {self.rows.get(name, 0)} calibration rows)"
+            )
         return {"q": codes.to(torch.int8), "scale": scale.half()}
 
     @hook
@@ -385,6 +389,11 @@ class GPTQ(Technique):
         if dist.is_available() and dist.is_initialized():
             self._all_reduce(targets, model)
         self.hessians = {n: h for n, h in self.hessians.items() if self.rows.get(n, 0) > 0}
+        rows = sorted(self.rows.values())
+        self.log(
+            f"Hessians of {len(self.hessians)} tensor(s) from {self.params.calibration_batches} training "
+            f"batch(es) ({rows[0] if rows else 0}–{rows[-1] if rows else 0} rows each)"
+        )
 
     def targets(self, model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
         """Weight name -> (the module whose input X multiplies it, its input width), for every

@@ -94,7 +94,12 @@ class SWA(Technique):
     @hook
     def finalize(self, model: nn.Module) -> None:
         if self.snapshots == 0:
+            self.log("no snapshot was taken (the LR multiplier never fell below start_lr_scale): "
+                     "the trained weights are exported")  # fmt: skip
             return
+        self.log(
+            f"exporting the average of {self.snapshots} snapshot(s), steps {self.steps[0]}–{self.steps[-1]}"
+        )
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_((self.total[n] / self.snapshots).to(p.dtype))

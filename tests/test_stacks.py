@@ -28,3 +28,27 @@ def test_each_technique_runs_end_to_end(name: str, cache_dir: Path, tmp_path: Pa
     r = run(stack_from_dict(d), tmp_path, estimate=False)
     assert math.isfinite(r.val_bpb) and r.val_tokens > 0 and name in r.techniques
     assert set(r.phase_seconds) == {"train", "finalize", "calibration", "export", "evaluation"}
+
+
+def test_the_combined_stack_runs_end_to_end_at_a_tiny_size(cache_dir: Path, tmp_path: Path) -> None:
+    """stacks/combined_v2.yaml (depth recurrence, parallel residuals, value residual, partial
+    RoPE, gated skips, late QAT, GPTQ int6, zstd, sliding-window evaluation, temperature), shrunk
+    to 6 layers × 64 for the CPU: every site works together, the switches flip, GPTQ calibrates."""
+    from pgolf.registry.api.config import load_stack
+
+    tiny = [
+        "model.num_layers=6", "model.model_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
+        "train.train_seq_len=64", "train.train_batch_tokens=1024", "train.micro_batch_tokens=512",
+        "train.iterations=8", "train.max_wallclock_seconds=0", "train.warmdown_iters=8",
+        "train.warmup_steps=1", "train.val_loss_every=0", "train.threads=1",
+        f"data.cache_dir={cache_dir}", "eval.seq_len=128", "eval.batch_tokens=4096",
+        "techniques.parallel_residuals.start_layer=4", "techniques.gptq.calibration_batches=2",
+        "techniques.zstd.level=3",
+    ]  # fmt: skip
+    rs = load_stack(Path(__file__).resolve().parent.parent / "stacks" / "combined_v2.yaml", tiny)
+    r = run(rs, tmp_path, estimate=False)
+    assert math.isfinite(r.val_bpb) and r.val_tokens > 0
+    assert r.switches == ["depth_recurrence", "late_qat"]  # both flipped during the 8 steps
+    assert r.phase_seconds["calibration"] > 0
+    log = (tmp_path / "run.log").read_text()
+    assert "gptq: Hessians of" in log and "switch(es) depth_recurrence on" in log

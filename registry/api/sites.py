@@ -337,21 +337,41 @@ def conflict(site: str, names: Sequence[str], where: str = "") -> SiteConflict:
     )
 
 
+def _layers(nums: list[int]) -> str:
+    runs: list[str] = []
+    start = prev = nums[0]
+    for n in [*nums[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ("layer " if len(nums) == 1 else "layers ") + ", ".join(runs)
+
+
 def _compress(places: list[str]) -> str:
-    """'layer 0, layer 1, layer 2' -> 'layers 0-2'; other lists joined as they are."""
+    """'layer 0, layer 1, layer 2' -> 'layers 0-2'; 'kind attn_q layer 0, …' -> 'kinds attn_q, …;
+    layers 0-10'; other lists joined as they are."""
     if not places:
         return ""
-    if all(p.startswith("layer ") and p[6:].isdigit() for p in places):
-        nums = sorted({int(p[6:]) for p in places})
-        runs: list[str] = []
-        start = prev = nums[0]
-        for n in [*nums[1:], None]:
-            if n is not None and n == prev + 1:
-                prev = n
-                continue
-            runs.append(str(start) if start == prev else f"{start}-{prev}")
-            if n is not None:
-                start = prev = n
-        return ("layer " if len(nums) == 1 else "layers ") + ", ".join(runs)
-    uniq = list(dict.fromkeys(places))
-    return ", ".join(uniq[:6]) + (f", … ({len(uniq)} in all)" if len(uniq) > 6 else "")
+    kinds: list[str] = []
+    layers: set[int] = set()
+    other: list[str] = []
+    for p in places:
+        words = p.split()
+        if len(words) >= 2 and words[-2] == "layer" and words[-1].isdigit():
+            layers.add(int(words[-1]))
+            words = words[:-2]
+        if len(words) == 2 and words[0] == "kind":
+            kinds.append(words[1])
+        elif words:
+            other.append(" ".join(words))
+    parts = []
+    if kinds:
+        uniq = list(dict.fromkeys(kinds))
+        parts.append(("kind " if len(uniq) == 1 else "kinds ") + ", ".join(uniq))
+    if layers:
+        parts.append(_layers(sorted(layers)))
+    parts.extend(dict.fromkeys(other))
+    return "; ".join(parts)
