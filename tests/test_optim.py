@@ -8,7 +8,7 @@ from conftest import small_spec
 from torch import nn
 
 from pgolf.registry.api.config import OptimConfig
-from pgolf.registry.api.roles import Role, role_table
+from pgolf.registry.api.roles import Role, role_table, set_role
 from pgolf.registry.run.model import GPT
 from pgolf.registry.run.optim import (
     Muon,
@@ -165,3 +165,28 @@ def test_compiled_newton_schulz_agrees_with_the_reference() -> None:
     fast = compiled_newton_schulz()(g, 5)
     for i in range(2):
         assert rel_err(fast[i], newton_schulz_reference(g[i], 5)) < 0.06
+
+
+def test_per_role_groups_override_lr_weight_decay_betas_and_eps() -> None:
+    from pgolf.registry import ConfigError
+    from pgolf.registry.api.config import stack_from_dict
+
+    model = GPT(SPEC)
+    gate = torch.nn.Parameter(torch.zeros(4, 8))
+    set_role(gate, Role.GATE)
+    model.register_parameter("gate_w", gate)
+    cfg = OptimConfig(scalar_lr=0.03, beta2=0.95, groups={"gate": {"lr": 0.01, "beta2": 0.99, "eps": 1e-6},
+                                                          "matrix": {"lr": 0.02, "weight_decay": 0.1}})  # fmt: skip
+    opts = build_optimizers(model, cfg, tied=True)
+    adam = opts.optimizers[0]
+    by_param = {id(p): g for g in adam.param_groups for p in g["params"]}
+    g = by_param[id(gate)]
+    assert (g["lr"], g["betas"], g["eps"]) == (0.01, (0.9, 0.99), 1e-6)
+    s = by_param[id(model.blocks[0].attn_scale)]
+    assert (s["lr"], s["betas"], s["eps"]) == (0.03, (0.9, 0.95), 1e-8)
+    assert opts.matrix is not None and opts.matrix.param_groups[0]["lr"] == 0.02
+    assert opts.matrix.param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(ConfigError, match="optim.groups.matrix takes lr and weight_decay only"):
+        stack_from_dict({"optim": {"groups": {"matrix": {"beta2": 0.9}}}})
+    with pytest.raises(ConfigError, match="optim.groups.attn"):
+        stack_from_dict({"optim": {"groups": {"attn": {"lr": 0.1}}}})

@@ -138,10 +138,21 @@ class TrainConfig(_Section):
         return self
 
 
+class RoleGroup(_Section):
+    """Per-role overrides of an optimizer group (unset keys keep the flat ``optim`` values)."""
+
+    lr: float | None = Field(None, ge=0)
+    weight_decay: float | None = Field(None, ge=0)
+    beta1: float | None = Field(None, ge=0, lt=1, description="Adam groups only")
+    beta2: float | None = Field(None, ge=0, lt=1, description="Adam groups only")
+    eps: float | None = Field(None, gt=0, description="Adam groups only")
+
+
 class OptimConfig(_Section):
     """Optimizer groups by parameter role: ``matrix`` (the matrix optimizer, Muon by default),
     ``embedding``, ``head``, ``scalar`` and ``gate`` (Adam, decoupled weight decay as AdamW).
-    Weight decay is decoupled: W ← W·(1 − lr_t·wd) before each update."""
+    Weight decay is decoupled: W ← W·(1 − lr_t·wd) before each update. ``groups`` overrides lr,
+    weight decay, betas and eps of one role (e.g. ``groups: {gate: {lr: 0.01, beta2: 0.99}}``)."""
 
     matrix_lr: float = Field(0.04, ge=0)
     scalar_lr: float = Field(0.04, ge=0, description="scalar and gate roles")
@@ -159,6 +170,16 @@ class OptimConfig(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
+    groups: dict[Literal["matrix", "embedding", "head", "scalar", "gate"], RoleGroup] = Field(
+        default_factory=dict, description="per-role overrides of lr, weight_decay, beta1, beta2, eps"
+    )
+
+    @model_validator(mode="after")
+    def _matrix_group(self) -> OptimConfig:
+        m = self.groups.get("matrix")
+        if m is not None and (m.beta1, m.beta2, m.eps) != (None, None, None):
+            raise ValueError("optim.groups.matrix takes lr and weight_decay only (betas and eps are Adam's)")
+        return self
 
 
 class ExportConfig(_Section):

@@ -233,14 +233,28 @@ def build_optimizers(
         p.requires_grad_(False)
     fused = next(iter(named.values())).is_cuda if named else False
     embed_lr = cfg.tied_embed_lr if tied else cfg.embed_lr
-    adam_groups = [
-        {"params": by_role[Role.EMBEDDING], "lr": embed_lr, "base_lr": embed_lr,
-         "weight_decay": cfg.embed_wd, "base_wd": cfg.embed_wd},
-        {"params": by_role[Role.HEAD], "lr": cfg.head_lr, "base_lr": cfg.head_lr,
-         "weight_decay": cfg.head_wd, "base_wd": cfg.head_wd},
-        {"params": by_role[Role.SCALAR] + by_role[Role.GATE], "lr": cfg.scalar_lr, "base_lr": cfg.scalar_lr,
-         "weight_decay": cfg.scalar_wd, "base_wd": cfg.scalar_wd},
-    ]  # fmt: skip
+    defaults = {  # role -> (lr, weight decay)
+        Role.EMBEDDING: (embed_lr, cfg.embed_wd),
+        Role.HEAD: (cfg.head_lr, cfg.head_wd),
+        Role.SCALAR: (cfg.scalar_lr, cfg.scalar_wd),
+        Role.GATE: (cfg.scalar_lr, cfg.scalar_wd),
+    }
+    adam_groups: list[dict[str, Any]] = []
+    for role, (lr, wd) in defaults.items():
+        o = cfg.groups.get(role.value)  # type: ignore[call-overload]
+        lr = o.lr if o is not None and o.lr is not None else lr
+        wd = o.weight_decay if o is not None and o.weight_decay is not None else wd
+        betas = (
+            o.beta1 if o is not None and o.beta1 is not None else cfg.beta1,
+            o.beta2 if o is not None and o.beta2 is not None else cfg.beta2,
+        )
+        eps = o.eps if o is not None and o.eps is not None else cfg.adam_eps
+        group = {"lr": lr, "base_lr": lr, "weight_decay": wd, "base_wd": wd, "betas": betas, "eps": eps}
+        same = next((g for g in adam_groups if all(g[k] == group[k] for k in group)), None)
+        if same is not None:  # gate and scalar share one group unless configured apart
+            same["params"] += by_role[role]
+        elif by_role[role]:
+            adam_groups.append({"params": list(by_role[role]), **group})
     adam_groups = [g for g in adam_groups if g["params"]]
     optimizers: list[torch.optim.Optimizer] = []
     if adam_groups:
@@ -248,6 +262,9 @@ def build_optimizers(
             torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
         )
     matrix = None
+    mo = cfg.groups.get("matrix")
+    matrix_lr = mo.lr if mo is not None and mo.lr is not None else cfg.matrix_lr
+    matrix_wd = mo.weight_decay if mo is not None and mo.weight_decay is not None else cfg.matrix_wd
     if by_role[Role.MATRIX]:
         for p in by_role[Role.MATRIX]:
             if p.ndim != 2:
@@ -260,10 +277,10 @@ def build_optimizers(
         def muon() -> torch.optim.Optimizer:
             return Muon(
                 by_role[Role.MATRIX],
-                lr=cfg.matrix_lr,
+                lr=matrix_lr,
                 momentum=cfg.muon_momentum,
                 backend_steps=cfg.muon_backend_steps,
-                weight_decay=cfg.matrix_wd,
+                weight_decay=matrix_wd,
                 rank=rank,
                 world_size=world_size,
                 ns=ortho,
@@ -274,8 +291,8 @@ def build_optimizers(
             "matrix_optimizer",
             muon,
             params=by_role[Role.MATRIX],
-            lr=cfg.matrix_lr,
-            weight_decay=cfg.matrix_wd,
+            lr=matrix_lr,
+            weight_decay=matrix_wd,
             momentum=cfg.muon_momentum,
             backend_steps=cfg.muon_backend_steps,
             orthogonalize=ortho,
@@ -283,8 +300,8 @@ def build_optimizers(
             runtime=runtime,
         )
         for group in matrix.param_groups:
-            group.setdefault("base_lr", cfg.matrix_lr)
-            group.setdefault("base_wd", cfg.matrix_wd)
+            group.setdefault("base_lr", matrix_lr)
+            group.setdefault("base_wd", matrix_wd)
         optimizers.append(matrix)
     return OptimizerSet(optimizers, matrix)
 
