@@ -46,17 +46,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgolf.registry import HOOKS
+from pgolf.registry import HOOKS, SITES
 from pgolf.registry.api.config import ResolvedStack, stack_from_dict
 from pgolf.registry.run.pipeline import build, estimate_artifact_bytes
 
-# Hooks whose parameters cannot change the size *estimate*: the model-building hooks act
-# through the layout (which is in the key), the training hooks change weight values, which
-# the estimate replaces by surrogate draws. Every other hook (the export slots, and any hook
-# added later that is not listed here) puts its technique's parameters into the key: an unknown
-# hook costs cache hits, never a wrong size.
-LAYOUT_HOOKS = frozenset({"embed", "attn_out", "mlp_act"})
-TRAINING_HOOKS = frozenset({"on_train_start", "on_step_end", "finalize"})
+# Hooks whose parameters cannot change the size *estimate*: the model plan's hooks act through
+# the layout (which is in the key), the optimizer, schedule, data, training and evaluation hooks
+# change weight values (which the estimate replaces by surrogate draws) or nothing stored. Every
+# export hook, and any hook of a plan added later, puts its technique's parameters into the key:
+# an unknown hook costs cache hits, never a wrong size.
+LAYOUT_HOOKS = frozenset(h.name for s in SITES.values() if s.plan == "model" for h in s.hooks)
+TRAINING_HOOKS = frozenset(
+    h.name
+    for s in SITES.values()
+    if s.plan in ("optimizer", "schedule", "data", "train", "eval")
+    for h in s.hooks
+)
 CODEC_SLOT = "codec"
 
 METHODS = ("cached", "analytic", "proxy", "exact")
@@ -71,7 +76,7 @@ def size_relevant(cls: type) -> bool:
 def codec_technique(rs: ResolvedStack) -> str | None:
     """The technique the stack names explicitly for the codec slot (None: the slot default)."""
     for r in rs.techniques:
-        if not r.implicit and any(getattr(HOOKS.get(h), "slot", None) == CODEC_SLOT for h in r.cls.hooks):
+        if not r.implicit and any(getattr(HOOKS.get(h), "site", None) == CODEC_SLOT for h in r.cls.hooks):
             return r.name
     return None
 
@@ -101,13 +106,11 @@ def layout(rs: ResolvedStack) -> Layout:
     """The size key of a stack, from its model built on the meta device (milliseconds)."""
     import torch
 
-    from pgolf.registry.api.roles import role_table
+    from pgolf.registry.api.roles import param_infos
 
     t0 = time.perf_counter()
-    techniques = [r.instantiate(rs.spec) for r in rs.techniques]
-    with torch.device("meta"):
-        model = build(rs, techniques, torch.device("meta"))
-    roles = {k: v.value for k, v in role_table(model).items()}
+    model = build(rs, torch.device("meta")).model
+    roles = {k: f"{i.role.value}:{i.kind.value}" for k, i in param_infos(model).items()}
     entries = [
         (name, list(t.shape), str(t.dtype).removeprefix("torch."), roles.get(name, ""))
         for name, t in model.state_dict().items()
@@ -118,7 +121,10 @@ def layout(rs: ResolvedStack) -> Layout:
         if t.is_floating_point() and t.numel():
             cls = f"{roles.get(name, '-')}/{str(t.dtype).removeprefix('torch.')}/{t.numel().bit_length() - 1}"
             shares[cls] = shares.get(cls, 0.0) + t.numel() / max(n, 1)
-    export = sorted((r.name, r.params.model_dump(mode="json")) for r in rs.techniques if size_relevant(r.cls))
+    export = [
+        rs.stack.export.model_dump(mode="json"),
+        sorted((r.name, r.params.model_dump(mode="json")) for r in rs.techniques if size_relevant(r.cls)),
+    ]
     return Layout(
         key=_digest([entries, export, rs.stack.seed]),
         export_key=_digest(export),

@@ -40,6 +40,8 @@ def test_size_key_ignores_what_cannot_change_the_size() -> None:
             "techniques.xsa.layers=all",
             "optim.matrix_lr=0.01",
             "train.iterations=7",
+            "techniques.sliding_window.stride=32",
+            "techniques.cosine_lr.final=0.1",
         ),
     ):
         assert _key(*same) == base, same
@@ -52,17 +54,24 @@ def test_size_key_ignores_what_cannot_change_the_size() -> None:
         "techniques.int8_rowwise.clip_percentile=99.9",
         "techniques.zlib.level=1",
         "seed=7",
+        "export.passthrough_max_numel=0",
+        "export.passthrough_dtype=bf16",
+        "techniques.gptq.bits=5",
     ):
         assert _key(changed) != plain, changed
 
 
 def test_every_hook_is_classified_and_export_hooks_count() -> None:
     """A hook added to the vocabulary lands in the key unless it is listed as harmless: the
-    list must name only real hooks, and every exclusive (export) slot hook counts."""
+    list must name only real hooks, and every export hook counts."""
+    from pgolf.registry import SITES
+
     assert set(HOOKS) >= sizing.LAYOUT_HOOKS | sizing.TRAINING_HOOKS
     for name, spec in HOOKS.items():
-        if spec.slot:
+        if SITES[spec.site].plan == "export":
             assert name not in sizing.LAYOUT_HOOKS | sizing.TRAINING_HOOKS
+    assert sizing.size_relevant(REGISTRY.get("gptq")) and sizing.size_relevant(REGISTRY.get("zstd"))
+    assert not sizing.size_relevant(REGISTRY.get("sliding_window"))
     assert sizing.size_relevant(REGISTRY.get("brotli")) and sizing.size_relevant(REGISTRY.get("int8_rowwise"))
     assert not sizing.size_relevant(REGISTRY.get("ema")) and not sizing.size_relevant(
         REGISTRY.get("leaky_relu_sq")
