@@ -42,7 +42,7 @@ from pgolf.registry.api.config import (
     stack_from_dict,
 )
 from pgolf.registry.api.errors import ConfigError, PgolfError, did_you_mean
-from pgolf.registry.api.hooks import HOOKS
+from pgolf.registry.api.sites import HOOKS, SITES
 from pgolf.registry.api.technique import REGISTRY, pydantic_problems
 
 KINDS = ("int", "float", "logfloat", "choice", "optional")
@@ -626,8 +626,9 @@ ARTIFACT_FILE = "model.ptz"  # a run folder's artifact when its result.json name
 
 
 def _hook_plan(hook_name: str) -> str | None:
+    """The plan (model, optimizer, schedule, data, train, export, eval) of a hook's site."""
     spec = HOOKS.get(hook_name)
-    return getattr(spec, "plan", None) or getattr(spec, "stage", None)
+    return SITES[spec.site].plan if spec is not None else None
 
 
 def is_eval_technique(cls: type) -> bool:

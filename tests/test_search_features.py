@@ -175,3 +175,20 @@ def test_eval_only_search_refuses_keys_that_change_the_model(first: Path) -> Non
     with pytest.raises(ConfigError) as ei:
         search_from_dict({"eval_only": {"run": str(first)}, "space": {"model.num_layers": {"int": [1, 2]}}})
     assert "eval-only search re-scores a saved artifact" in dict(ei.value.problems)["space.model.num_layers"]
+    # evaluation techniques (scorer slot, logprobs chain) may be searched on a saved artifact
+    search_from_dict(
+        {
+            "eval_only": {"run": str(first)},
+            "space": {
+                "techniques.sliding_window": {"optional": True},
+                "techniques.sliding_window.stride": {"choice": [32, 64]},
+                "techniques.temperature": {"optional": True},
+                "techniques.temperature.temperature": {"float": [0.9, 1.1]},
+            },
+        }
+    )
+    with pytest.raises(ConfigError) as ei:  # a training technique may not
+        search_from_dict(
+            {"eval_only": {"run": str(first)}, "space": {"techniques.ema.decay": {"float": [0.9, 0.99]}}}
+        )
+    assert "space.techniques.ema.decay" in dict(ei.value.problems)
