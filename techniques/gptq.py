@@ -72,7 +72,6 @@ from pgolf.registry import (
     Kind,
     ParamInfo,
     Params,
-    PgolfError,
     Role,
     Technique,
     Tensors,
@@ -80,6 +79,7 @@ from pgolf.registry import (
     hook,
     register,
 )
+from pgolf.registry.api.errors import RunFailed
 from pgolf.registry.api.roles import param_infos
 
 FP16_MIN = 2.0**-24  # smallest positive fp16 (subnormal): scales never round to 0
@@ -327,7 +327,7 @@ class GPTQ(Technique):
     def quantize(self, name: str, tensor: Tensor, info: ParamInfo) -> dict[str, Tensor]:
         w = tensor.detach().float().cpu()
         if not bool(torch.isfinite(w).all()):
-            raise PgolfError(f"tensor {name} holds NaN or inf values; refusing to export it (gptq)")
+            raise RunFailed(f"tensor {name} holds NaN or inf values; refusing to export it (gptq)")
         qmax = self.qmax(info.kind)
         scale = self.scales(w, info.kind)
         h = self.hessian(name, w.shape[1])

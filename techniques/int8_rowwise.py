@@ -80,6 +80,13 @@ def quantize_whole(w: Tensor, clip_percentile: float) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def stored_scale(scale: Tensor) -> Tensor:
+    """Scales as stored: fp16 (the baseline's format) unless a scale would overflow it (weights
+    above ~8.3 M), then fp32."""
+    half = scale.to(torch.float16)
+    return half if bool(torch.isfinite(half).all()) else scale.float()
+
+
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     """q·scale in fp32 (per row for a 2-D code tensor with one scale per row)."""
     s = scale.float()
@@ -97,7 +104,7 @@ def error_bound(w: Tensor, clip_percentile: float) -> float:
         clip, scale = clip[:, None], scale[:, None]
     else:
         clip, scale = whole_scale(w32, clip_percentile)
-    stored = scale.half().float()
+    stored = stored_scale(scale).float()
     per_element = scale / 2 + 127 * (stored - scale).abs() + (w32.abs() - clip).clamp_min(0)
     bound = float((per_element.expand_as(w32) ** 2).sum().sqrt())
     norm = float(w32.norm())
@@ -121,7 +128,7 @@ class Int8Rowwise(Technique):
             q, s = quantize_rows(tensor, self.params.clip_percentile)
         else:
             q, s = quantize_whole(tensor, self.params.clip_percentile)
-        return {"q": q, "scale": s.to(torch.float16)}
+        return {"q": q, "scale": stored_scale(s)}
 
     @hook
     def dequantize(self, data: dict[str, Tensor]) -> Tensor:

@@ -35,10 +35,10 @@ import torch.distributed as dist
 from pydantic import Field
 from torch import Tensor, nn
 
-from pgolf.registry import Emit, Params, PgolfError, Technique, hook, register
+from pgolf.registry import Emit, Params, Technique, hook, register
 from pgolf.registry.run.evaluate import rank_range
 from pgolf.registry.run.runtime import Runtime
-from pgolf.techniques.sliding_window import scored_range, sliding_windows, window_starts
+from pgolf.techniques.sliding_window import check_stride, scored_range, sliding_windows, window_starts
 
 
 class ScoreFirstTTTParams(Params):
@@ -100,11 +100,7 @@ class ScoreFirstTTT(Technique):
         batch_tokens: int,
         switches: tuple[str, ...],
     ) -> Iterator[Emit]:
-        p = self.params
-        if p.stride > seq_len:
-            raise PgolfError(
-                f"score_first_ttt.stride={p.stride} is longer than the evaluation window eval.seq_len={seq_len}"
-            )
+        check_stride(self.name, self.params.stride, seq_len)
         return self._run(model, stream, runtime, seq_len, max(1, batch_tokens // seq_len), switches)
 
     def _run(

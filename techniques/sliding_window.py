@@ -41,6 +41,14 @@ class SlidingWindowParams(Params):
     stride: int = Field(64, ge=1, description="S: positions scored per window after the first")
 
 
+def check_stride(technique: str, stride: int, seq_len: int) -> None:
+    """A stride longer than the evaluation window would leave targets unscored."""
+    if stride > seq_len:
+        raise PgolfError(
+            f"{technique}.stride={stride} is longer than the evaluation window eval.seq_len={seq_len}"
+        )
+
+
 def window_starts(n_targets: int, seq_len: int, stride: int) -> list[int]:
     """Start token ws of every window: 0, S, 2S, … while ws + L − S < N (at least one window)."""
     if n_targets <= 0:
@@ -109,10 +117,7 @@ class SlidingWindow(Technique):
         switches: tuple[str, ...],
     ) -> Iterator[Emit]:
         stride = self.params.stride
-        if stride > seq_len:
-            raise PgolfError(
-                f"sliding_window.stride={stride} is longer than the evaluation window eval.seq_len={seq_len}"
-            )
+        check_stride(self.name, stride, seq_len)
         lo, hi = rank_range(len(window_starts(stream.numel() - 1, seq_len, stride)), runtime)
         per_batch = max(1, batch_tokens // seq_len)
         return sliding_windows(model, stream, runtime, seq_len, stride, per_batch, lo, hi, switches)

@@ -211,3 +211,28 @@ def test_zlib_default_codec_is_lossless() -> None:
     z = Zlib(ZlibParams(level=9), None)  # type: ignore[arg-type]
     raw = bytes(range(256)) * 10
     assert z.decompress(z.compress(raw)) == raw
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_huge_but_harmless_weight_survives_the_export(tmp_path: Path, quantized: bool) -> None:
+    """Issue #8 kind 4: block 0's K projection scaled by 1e7 after training (its function is
+    unchanged: K is RMS-normalised) used to come back as inf from fp16 passthrough (and int8 scales
+    overflow fp16 the same way); the reloaded model must score like the written one."""
+    rs = stack_from_dict({**TINY, **(QUANTIZE_ALL if quantized else {})})
+    torch.manual_seed(0)
+    b = build(rs, torch.device("cpu"))
+    for p in b.model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        before = b.model(x, x).item()
+        b.model.blocks[0].attn.c_k.weight.mul_(1e7)
+        assert b.model(x, x).item() == pytest.approx(before, rel=1e-4)
+    write_artifact(tmp_path / "m.ptz", b.model, b.sites, rs.stack.export)  # verified on read-back
+    fresh = build(rs, torch.device("cpu"))
+    from pgolf.registry.run.export import load_into
+
+    load_into(fresh.model, load_artifact(tmp_path / "m.ptz", fresh.sites))
+    with torch.no_grad():
+        after = fresh.model(x, x).item()
+    assert after == pytest.approx(before, rel=0.02 if quantized else 1e-3)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api.config import ExportConfig
-from ..api.errors import PgolfError
+from ..api.errors import PgolfError, RunFailed
 from ..api.roles import Kind, ParamInfo, Role, param_infos
 from ..api.sites import DEFAULT_FILLERS, Dispatcher
 from ..api.technique import Technique
@@ -48,8 +48,9 @@ PASSTHROUGH_ERROR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 0
 """Largest relative RMS error of a float passthrough tensor after its cast."""
 
 
-class ExportMismatch(PgolfError):
-    """The artifact read back from disk does not give back what was written."""
+class ExportMismatch(RunFailed):
+    """The artifact read back from disk does not give back what was written: a failed run (its
+    folder is kept), not a result."""
 
 
 def export_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, ParamInfo]]:
@@ -72,8 +73,6 @@ def default_quantizer(sites: Dispatcher) -> Technique | None:
 def _float_entry(name: str, t: Tensor, info: ParamInfo | None, cfg: ExportConfig) -> dict[str, Any]:
     if not t.is_floating_point():
         return {"q": "raw", "data": {"t": t}}
-    if not bool(torch.isfinite(t).all()):
-        raise PgolfError(f"tensor {name} holds NaN or inf values; refusing to export it")
     if info is not None and info.role == Role.SCALAR:
         return {"q": "float", "data": {"t": t.float()}}
     want = _DTYPES[cfg.passthrough_dtype]
@@ -94,6 +93,10 @@ def quantize_state(
     default = default_quantizer(sites)
     tensors: dict[str, Any] = {}
     for name, t in fstate.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RunFailed(
+                f"tensor {name} holds NaN or inf values (non-finite weights); refusing to export it"
+            )
         info = infos.get(name)
         q = sites.claimant(info, default) if info is not None and t.is_floating_point() else None
         small = t.numel() <= cfg.passthrough_max_numel
