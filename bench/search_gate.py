@@ -58,7 +58,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def before(loaded: Any, samples: int) -> dict[str, Any]:
+def before(loaded: Any, samples: int, totals: dict[int, int] | None = None) -> dict[str, Any]:
     """The old gate: serial real estimates in the driver, cached on every technique parameter."""
     import optuna
 
@@ -91,6 +91,8 @@ def before(loaded: Any, samples: int) -> dict[str, Any]:
             cache[key] = estimate_artifact_bytes(rs, margin=loaded.spec.constraint.margin)
             seconds.append(cache[key].seconds)
         feasible += int(cache[key].fits)
+        if totals is not None:
+            totals[i] = cache[key].total
         study.tell(ot, state=optuna.trial.TrialState.FAIL)
         print(f"  before: sample {i}: {cache[key].total:,} bytes ({'fits' if cache[key].fits else 'too large'})",
               flush=True)  # fmt: skip
@@ -107,12 +109,14 @@ def before(loaded: Any, samples: int) -> dict[str, Any]:
     }
 
 
-def after(loaded: Any, samples: int, workers: int) -> dict[str, Any]:
+def after(loaded: Any, samples: int, workers: int, decisions: dict[int, Any] | None = None) -> dict[str, Any]:
     from pgolf.search.harness import dry_run
 
     def say(i: int, what: str, est: Any, note: str) -> None:
         size = f"{est.total:,} bytes ({est.method})" if est is not None else note
         print(f"  after: sample {i}: {what} {size}", flush=True)
+        if decisions is not None and est is not None:
+            decisions[i] = est
 
     r = dry_run(loaded, samples, workers=workers, on_decision=say)
     secs = r.pop("estimate_seconds")
@@ -126,6 +130,30 @@ def after(loaded: Any, samples: int, workers: int) -> dict[str, Any]:
         else math.inf,
     )
     return r
+
+
+def agreement(decisions: dict[int, Any], totals: dict[int, int], limit: int) -> dict[str, Any]:
+    """The new gate's decisions against the old gate's real estimate of the same samples."""
+    out: dict[str, Any] = {
+        "compared": 0,
+        "different_decisions": [],
+        "analytic_above_real": [],
+        "proxy_rel_error": [],
+    }
+    for i, est in decisions.items():
+        real = totals.get(i)
+        if real is None:
+            continue
+        out["compared"] += 1
+        if est.fits != (real <= limit):
+            out["different_decisions"].append(i)
+        if est.method == "analytic" and est.total > real:
+            out["analytic_above_real"].append(i)
+        if est.method == "proxy":
+            out["proxy_rel_error"].append(round(est.total / real - 1, 5))
+        if est.method in ("exact", "cached") and est.total != real:
+            out.setdefault("exact_mismatch", []).append(i)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         "goal_seconds": 0.05 * TRIAL_SECONDS,
     }
     print(f"after: the new gate, {args.workers} parallel estimate(s)", flush=True)
-    result["after"] = after(loaded, args.samples, args.workers)
+    decisions: dict[int, Any] = {}
+    totals: dict[int, int] = {}
+    result["after"] = after(loaded, args.samples, args.workers, decisions)
     if not args.skip_before:
         print("before: serial estimates in the driver, old cache key", flush=True)
-        result["before"] = before(loaded, args.samples)
+        result["before"] = before(loaded, args.samples, totals)
+        result["agreement"] = agreement(decisions, totals, loaded.spec.constraint.artifact_bytes)
     result["machine"]["load_average_end"] = list(os.getloadavg())
     for name in ("before", "after"):
         r = result.get(name)
@@ -171,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"after: {a['sizing_wall_seconds_per_trained_trial']:.1f} s of sizing wall time per trained trial with "
             f"{args.workers} worker(s), in the background of training ({a['methods']})"
+        )
+    if "agreement" in result:
+        g = result["agreement"]
+        print(
+            f"agreement: {g['compared']} samples; decisions that differ from a real estimate: "
+            f"{len(g['different_decisions'])}; analytic bounds above the real size: {len(g['analytic_above_real'])}; "
+            f"proxy errors {g['proxy_rel_error']}"
         )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
