@@ -227,9 +227,10 @@ def yaml_number_hint(val: Any) -> str:
                 x = float(v)
             except ValueError:
                 continue
+            shown: float | int = int(x) if x.is_integer() and abs(x) < 1e15 else x
             return (
-                f"; {v!r} is text to YAML, not a number: write it as {x!r}"
-                if "e" not in repr(x)
+                f"; {v!r} is text to YAML, not a number: write it as {shown!r}"
+                if "e" not in repr(shown)
                 else f"; {v!r} is text to YAML, not a number: write it with a dot and a signed exponent, e.g. {x:.1e}".replace(
                     "e-0", "e-"
                 ).replace("e+0", "e+")
@@ -552,6 +553,7 @@ def search_from_dict(
         for p, m in pydantic_problems(e, ""):
             if p.startswith("space."):
                 continue
+            m += yaml_number_hint(_lookup(data, p))
             if m == "unknown key":
                 section, _, key = p.rpartition(".")
                 ann = (
@@ -694,6 +696,19 @@ def find_eval_runs(where: str, base_dir: Path) -> list[Path]:
     if missing:
         raise PgolfError(f"no artifact in {missing[0]!r}: the run did not finish its export")
     return [r.resolve() for r in runs]
+
+
+def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    """The raw value at a dotted key path (None when absent)."""
+    node: Any = data
+    for part in dotted.split("."):
+        if isinstance(node, Mapping):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def _check_overlaps(spec: SearchSpec | None, dims: Sequence[Dim]) -> list[tuple[str, str]]:

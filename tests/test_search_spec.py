@@ -203,3 +203,11 @@ search:
     assert len(problems) == 1, problems
     key, msg = problems[0]
     assert key == "space.optim.matrix_lr.logfloat" and "'1e-3' is text to YAML" in msg and "0.001" in msg
+
+
+def test_a_constraint_written_as_1_6e7_gets_the_hint() -> None:
+    p = _problems(_search(constraint={"artifact_bytes": "1.6e7"}))
+    assert (
+        "'1.6e7' is text to YAML" in p["constraint.artifact_bytes"]
+        and "16000000" in p["constraint.artifact_bytes"]
+    )
