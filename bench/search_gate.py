@@ -20,7 +20,7 @@ workers: the estimates run while the GPUs train, and keep 8 GPUs fed while that 
     python bench/search_gate.py --samples 24 --workers 2
     python bench/search_gate.py --samples 24 --skip-before   # only the new gate
 
-Writes ``bench/results/search_gate_<date>_<host>.json`` and prints the figures.
+Writes ``bench/search_gate_results/search_gate_<date>_<host>.json`` and prints the figures.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--workers", type=int, default=2, help="parallel estimates for 'after'")
     p.add_argument("--skip-before", action="store_true")
-    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out-dir", default=str(ROOT / "bench" / "search_gate_results"))
     args = p.parse_args(argv)
 
     from pgolf.search.spec import load_search
