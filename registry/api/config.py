@@ -105,6 +105,9 @@ class TrainConfig(_Section):
     threads: int | Literal["auto"] = Field(
         "auto", description="torch CPU threads; auto = the cores no other process is using (at least 1)"
     )
+    checkpoint_minutes: float = Field(
+        10.0, ge=0, description="write a checkpoint for `pgolf run --resume` every N minutes; 0 = never"
+    )
 
     @field_validator("compile", "autocast", mode="before")
     @classmethod

@@ -302,6 +302,9 @@ class DistributedTokenLoader:
         self.stream.reset()
 
 
+_Prefetched = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
+
+
 class PrefetchingLoader:
     """Prepares the next batches of a :class:`DistributedTokenLoader` on a background thread.
 
@@ -314,16 +317,18 @@ class PrefetchingLoader:
                  depth: int = 4, pin: bool = False):  # fmt: skip
         self.loader, self.local_tokens, self.seq_len, self.depth, self.pin = (
             loader, local_tokens, seq_len, depth, pin)  # fmt: skip
-        self._queue: queue.Queue[tuple[torch.Tensor, torch.Tensor] | BaseException] | None = None
+        self._queue: queue.Queue[_Prefetched | BaseException] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._consumed: dict[str, Any] | None = None  # the stream position after the last batch served
 
-    def _work(self, q: queue.Queue[tuple[torch.Tensor, torch.Tensor] | BaseException]) -> None:
+    def _work(self, q: queue.Queue[_Prefetched | BaseException]) -> None:
         while not self._stop.is_set():
             try:
                 x, y = self.loader.next_batch(self.local_tokens, self.seq_len)
-                item: tuple[torch.Tensor, torch.Tensor] | BaseException = (
-                    (x.pin_memory(), y.pin_memory()) if self.pin else (x, y))  # fmt: skip
+                after = self.loader.state_dict()
+                item: _Prefetched | BaseException = (
+                    (x.pin_memory(), y.pin_memory(), after) if self.pin else (x, y, after))  # fmt: skip
             except BaseException as e:  # handed to the consumer, which re-raises it
                 item = e
             while not self._stop.is_set():
@@ -354,8 +359,18 @@ class PrefetchingLoader:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        x, y = item
+        x, y, self._consumed = item
         return x.view(-1, seq_len), y.view(-1, seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch served (not the read-ahead one), to restore with
+        :meth:`load_state_dict`."""
+        return dict(self._consumed) if self._consumed is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.loader.load_state_dict(state)
+        self._consumed = dict(state)
 
     def close(self) -> None:
         """Stop the thread and drop the batches read ahead (the wrapped loader's position is then
@@ -368,6 +383,7 @@ class PrefetchingLoader:
     def reset(self) -> None:
         self.close()
         self.loader.reset()
+        self._consumed = None
 
     def __del__(self) -> None:
         self._stop.set()

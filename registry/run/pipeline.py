@@ -28,7 +28,7 @@ from ..api.technique import Technique
 from ..tools import corpus
 from ..tools.plots import CURVE_FILE, plot_training_curve
 from ..tools.progress import LiveProgress, RunLog, Ticker, slowdown_hint
-from . import bpb, data
+from . import bpb, checkpoint, data
 from .code import code_bytes
 from .dataset import check_dataset
 from .evaluate import EvalResult, evaluate
@@ -327,17 +327,20 @@ def run(
     estimate: bool = True,
     source: DataSource | None = None,
     allow_over_limit: bool = False,
+    resume: bool = False,
 ) -> RunResult:
     """Train, export, reload and score a stack; writes run.log, stack.yaml, the artifact and
     result.json into ``out_dir`` (which must exist). ``source``: the data as already checked
     by :func:`prepare_data`. With ``estimate``, a stack whose estimated artifact is over the
-    limit is refused before training (:class:`OverLimitError`) unless ``allow_over_limit``."""
+    limit is refused before training (:class:`OverLimitError`) unless ``allow_over_limit``.
+    Checkpoints go into ``out_dir`` every ``train.checkpoint_minutes`` and are removed at the
+    end; ``resume`` continues from the one there (:mod:`.checkpoint`)."""
     stack = rs.stack
     source = source or prepare_data(stack)
     runtime = make_runtime(stack.train, env)
     rs = pin_runtime(rs, runtime)  # the stack.yaml it writes reruns with the same settings
     try:
-        return _run(rs, out_dir, runtime, source, report, console, estimate, allow_over_limit)
+        return _run(rs, out_dir, runtime, source, report, console, estimate, allow_over_limit, resume)
     finally:
         shutdown(runtime)
 
@@ -351,13 +354,15 @@ def _run(
     console: Console | None,
     estimate: bool,
     allow_over_limit: bool = False,
+    resume: bool = False,
 ) -> RunResult:
     stack = rs.stack
     main = runtime.is_main
     accum = grad_accum_steps(stack, runtime.world_size)
     log = RunLog(out_dir / "run.log" if main else None, console if main else None)
+    saved = checkpoint.load_for(out_dir, runtime.rank, runtime.world_size) if resume else None
     est = None
-    if estimate and main:
+    if estimate and main and saved is None:
         with Ticker(console, "estimating the artifact size with the stack's export path"):
             est = estimate_artifact_bytes(rs)
     if runtime.any_rank(est is not None and not est.fits) and not allow_over_limit:
@@ -370,8 +375,9 @@ def _run(
     code = code_bytes(b.techniques, default_corpus=stack.data.path is None)
     n_params = count_params(model)
     vers = versions(runtime)
-    if main:
+    if main and saved is None:
         write_stack(out_dir, rs, code)
+    if main:
         log.block("stack (resolved)", rs.to_yaml())
         log.block("versions", json.dumps(vers, indent=2))
         log.block("code", f"{code.bytes:,} bytes, sha256 {code.sha256}: {', '.join(code.files)}")
@@ -406,6 +412,10 @@ def _run(
             report({"step": step, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "final": False})
         return r.val_loss, r.val_bpb
 
+    if saved is not None:
+        log(
+            f"resumed from step {saved['train_state']['step']} ({saved['train_state']['elapsed']:.1f}s of training)"
+        )
     with LiveProgress(
         console if main else None,
         stack.train.iterations,
@@ -414,7 +424,19 @@ def _run(
         tokens_per_step=stack.train.train_batch_tokens,
         slow_hint=slowdown_hint(runtime.device.type, runtime.threads),
     ) as bar:
-        tres = trainer.run(validate=validate, on_progress=bar.update, log=log)
+        bar.points = list(saved.get("train_history", [])) if saved is not None else []
+        saver = checkpoint.Checkpointer(
+            out_dir,
+            runtime.rank,
+            runtime.world_size,
+            checkpoint.stack_sha256(out_dir) if main else "",
+            stack.train.checkpoint_minutes,
+            extra=lambda: {"train_history": list(bar.points)},
+            log=log,
+        )
+        tres = trainer.run(
+            validate=validate, on_progress=bar.update, log=log, checkpointer=saver, resume=saved
+        )
     log(
         f"trained {tres.steps} steps ({tres.stopped_by}) in {tres.train_seconds:.1f}s: "
         f"{tres.tokens_per_second:,.0f} tokens/s, final train loss {tres.final_train_loss:.4f}"
@@ -508,6 +530,7 @@ def _run(
             title=f"{stack.name or rs.source}: {result.steps} steps, val_bpb {result.val_bpb:.4f}",
             final={"steps": result.steps, "train_seconds": result.train_seconds, "val_bpb": result.val_bpb},
         )
+    checkpoint.remove(out_dir, runtime.rank)  # the run is complete: nothing to resume
     if report is not None:
         report({**result.to_dict(), "step": tres.steps, "final": True})
     log.close()

@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,7 @@ from ..api.config import Stack, TrainConfig
 from ..api.context import BatchShape, CalibrationData, Switch, TrainState
 from ..api.errors import PgolfError, RunFailed
 from ..api.sites import Dispatcher
+from . import checkpoint
 from .data import DistributedTokenLoader, PrefetchingLoader
 from .optim import OptimizerSet, build_optimizers, lr_multiplier, muon_momentum_at
 from .runtime import Runtime
@@ -288,16 +290,28 @@ class Trainer:
         validate: Validator | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         log: Callable[[str], None] = lambda s: None,
+        checkpointer: checkpoint.Checkpointer | None = None,
+        resume: Mapping[str, Any] | None = None,
     ) -> TrainResult:
+        """Train to the step or time limit. ``checkpointer``: writes periodic checkpoints;
+        ``resume``: a checkpoint to continue from (after the compile warm-up)."""
         cfg, rt = self.cfg, self.runtime
         self.warm_up()
+        if resume is not None:
+            checkpoint.restore_weights(self, resume)
         state = self.begin(log)
         history: list[dict[str, float]] = []
-        clock = Stopwatch(rt.synchronize)
         loss, stopped_by = torch.full((), float("nan")), "iterations"
-        stop, reported = False, 0.0
+        finished = False
+        if resume is not None:
+            history = checkpoint.restore_state(self, state, resume)
+            loss = torch.tensor(resume["last_train_loss"])
+            finished, stopped_by = bool(resume["finished"]), resume["stopped_by"] or stopped_by
+        clock = Stopwatch(rt.synchronize)
+        clock.total = state.elapsed
+        stop, reported = finished, state.elapsed
         clock.start()
-        while True:
+        while not finished:
             if (
                 validate is not None
                 and state.step > 0
@@ -336,7 +350,14 @@ class Trainer:
                 reported = elapsed
             if state.max_seconds > 0 and rt.any_rank(elapsed >= state.max_seconds):
                 stop, stopped_by = True, "wallclock"
+            if checkpointer is not None and rt.any_rank(checkpointer.due()):
+                clock.stop()  # writing it is not training time
+                checkpointer.save(self, state, history, loss.item())
+                clock.start()
         clock.stop()
+        if checkpointer is not None and checkpointer.minutes > 0 and not finished:
+            # the trained state: a run killed during export or scoring resumes without retraining
+            checkpointer.save(self, state, history, loss.item(), finished=True, stopped_by=stopped_by)
         if isinstance(self.loader, PrefetchingLoader):
             self.loader.close()
         last_loss = self._check_finite(loss, state.step) if state.step > 0 else float("nan")

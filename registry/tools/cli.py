@@ -110,24 +110,40 @@ RUN_FILES = (
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..api.config import load_stack
+    from ..run import checkpoint
     from ..run.pipeline import prepare_data, run
+    from ..run.record import STACK_FILE
     from .progress import Ticker
 
     env = _dist_env()
-    rs = load_stack(args.stack, args.set)
+    resume = args.resume is not None
+    if resume:
+        if args.stack:
+            raise PgolfError(
+                "give a stack file or --resume DIR, not both (a run resumes with its own stack.yaml)"
+            )
+        if args.set or args.out:
+            raise PgolfError("--resume continues a run as it was started: --set and --out do not apply")
+        out, staging = _resume_paths(Path(args.resume))
+        rs = load_stack(staging / STACK_FILE)
+    elif not args.stack:
+        raise PgolfError("give a stack file (pgolf run STACK.yaml) or --resume DIR")
+    else:
+        rs = load_stack(args.stack, args.set)
     if args.nproc and args.nproc > 1 and env.world_size == 1:
         argv = list(args.argv)
-        if not args.out:
+        if not args.out and not resume:
             argv += ["--out", str(_default_out(rs.stack.name or Path(args.stack).stem))]
         return _relaunch(args.nproc, argv)
-    if env.world_size > 1 and not args.out:
-        raise PgolfError("--out is required when running under torchrun (all processes must agree on it)")
-    out = Path(args.out) if args.out else _default_out(rs.stack.name or Path(args.stack).stem)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PgolfError(
-            f"--out {str(out)!r} already exists and is not empty; choose another folder (nothing was changed)"
-        )
-    staging = out.parent / f".{out.name}.partial"
+    if not resume:
+        if env.world_size > 1 and not args.out:
+            raise PgolfError("--out is required when running under torchrun (all processes must agree on it)")
+        out = Path(args.out) if args.out else _default_out(rs.stack.name or Path(args.stack).stem)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise PgolfError(
+                f"--out {str(out)!r} already exists and is not empty; choose another folder (nothing was changed)"
+            )
+        staging = out.parent / f".{out.name}.partial"
     main = env.rank == 0
     source = None
     if main:
@@ -136,17 +152,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             None if args.quiet else console, "checking the data (a first run builds the default corpus)"
         ):
             source = prepare_data(rs.stack)  # data problems surface before any folder is created
-        if staging.exists():
+        if resume:
+            checkpoint.load_for(staging, 0, env.world_size)  # refuse a changed stack before any work
+        elif staging.exists():
             raise PgolfError(
-                f"{str(staging)!r} exists: another run is writing {str(out)!r}, or one was "
-                "killed; remove that folder and retry"
+                f"{str(staging)!r} exists: another run is writing {str(out)!r}, or one was stopped; "
+                f"continue it with: pgolf run --resume {out}  (or remove that folder to start again)"
             )
-        try:
-            staging.mkdir(parents=True)
-        except OSError as e:
-            raise PgolfError(
-                f"--out {str(out)!r}: cannot create the run folder ({os_error_text(e)}); nothing was written"
-            ) from None
+        else:
+            try:
+                staging.mkdir(parents=True)
+            except OSError as e:
+                raise PgolfError(
+                    f"--out {str(out)!r}: cannot create the run folder ({os_error_text(e)}); nothing was written"
+                ) from None
     try:
         result = run(
             rs,
@@ -156,10 +175,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             estimate=not args.no_estimate,
             source=source,
             allow_over_limit=args.allow_over_limit,
+            resume=resume,
         )
     except BaseException as e:
         if not main or not staging.exists():
             raise
+        resumable = checkpoint.checkpoint_path(staging).exists()
+        if resumable and (isinstance(e, KeyboardInterrupt) or (resume and not isinstance(e, RunFailed))):
+            err_console.print(f"the run can continue from its last checkpoint: pgolf run --resume {out}")
+            raise  # its .partial folder stays as it is
         if isinstance(e, PgolfError) and not isinstance(e, RunFailed):
             shutil.rmtree(staging, ignore_errors=True)  # a problem with the input: nothing to keep
             raise
@@ -184,6 +208,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"  → {out}/result.json"
         )
     return 0
+
+
+def _resume_paths(folder: Path) -> tuple[Path, Path]:
+    """(the run's folder, its ``.partial`` folder) for ``--resume FOLDER``, which may name either."""
+    suffix = ".partial"
+    if folder.name.startswith(".") and folder.name.endswith(suffix):
+        staging, out = folder, folder.parent / folder.name[1 : -len(suffix)]
+    else:
+        out, staging = folder, folder.parent / f".{folder.name}{suffix}"
+    if (out / "result.json").is_file():
+        raise PgolfError(f"--resume {str(folder)!r}: that run already finished ({out / 'result.json'})")
+    if not staging.is_dir():
+        raise PgolfError(
+            f"--resume {str(folder)!r}: no run to resume ({str(staging)!r}, the folder of an unfinished run, "
+            "does not exist)"
+        )
+    if not (staging / "stack.yaml").is_file():
+        raise PgolfError(
+            f"--resume {str(folder)!r}: the run stopped before it wrote its stack.yaml, so there is nothing "
+            f"to continue; remove {str(staging)!r} and start it again"
+        )
+    return out, staging
 
 
 def _keep_failed_run(staging: Path, out: Path, e: BaseException) -> PgolfError | None:
@@ -286,7 +332,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = prepare_data(rs.stack)
     verify_data(run_dir, source.tokenizer, source.val)
     runtime = make_runtime(rs.stack.train)
-    res = score_artifact(rs, run_dir / ARTIFACT_NAME, runtime, source, want_nll=args.dump_nll is not None)
+    from .progress import Ticker
+
+    with Ticker(console, "scoring the artifact on the validation split"):
+        res = score_artifact(rs, run_dir / ARTIFACT_NAME, runtime, source, want_nll=args.dump_nll is not None)
     check_result({"val_loss": res.val_loss, "val_bpb": res.val_bpb, "val_tokens": res.tokens,
                   "val_bytes": res.bytes})  # fmt: skip
     console.print(
@@ -567,9 +616,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="train, export, reload and score a stack")
-    p.add_argument("stack", help="stack YAML file")
+    p.add_argument("stack", nargs="?", help="stack YAML file")
     add_set_argument(p)
     p.add_argument("--out", help="output folder (default runs/<name>-<time>)")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue a stopped run (DIR: its folder, or its .partial folder) from its last checkpoint",
+    )
     p.add_argument("--nproc", type=int, default=0, help="processes (GPUs) to launch through torchrun")
     p.add_argument(
         "--quiet",
