@@ -22,8 +22,15 @@ if not console.is_terminal and console.width < 160:  # logs and pipes: room for 
     console.width = 160
 
 
+def _safe(name: str) -> str:
+    from pgolf.registry.tools.cli import safe_name
+
+    return safe_name(name)
+
+
 def _study_out(name: str) -> Path:
-    return Path("studies") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """The default study folder: a safe folder name inside studies/ (``../x`` cannot escape)."""
+    return Path("studies") / f"{_safe(name) if name else 'study'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -219,7 +226,7 @@ def cmd_repeat(args: argparse.Namespace) -> int:
     out = (
         Path(args.out)
         if args.out
-        else Path("runs") / f"{Path(args.stack).stem}-repeat-{time.strftime('%Y%m%d-%H%M%S')}"
+        else Path("runs") / f"{_safe(Path(args.stack).stem)}-repeat-{time.strftime('%Y%m%d-%H%M%S')}"
     )
 
     check_writable(out, "--out", folder=True)

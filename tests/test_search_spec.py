@@ -211,3 +211,11 @@ def test_a_constraint_written_as_1_6e7_gets_the_hint() -> None:
         "'1.6e7' is text to YAML" in p["constraint.artifact_bytes"]
         and "16000000" in p["constraint.artifact_bytes"]
     )
+
+
+@pytest.mark.parametrize(("name", "folder"), [("../escape", "escape"), ("a/b c", "a-b-c"), ("..", "run")])
+def test_default_study_folder_is_a_safe_name_inside_studies(name: str, folder: str) -> None:
+    from pgolf.search.cli import _study_out
+
+    out = _study_out(name)
+    assert out.parent == Path("studies") and out.name.startswith(folder + "-") and ".." not in out.parts
