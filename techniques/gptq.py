@@ -10,9 +10,17 @@ What, per matrix W (rows = outputs, cols = inputs) at b bits, q_max = 2^(b−1) 
    output head's weight (the tied embedding) gets H from the head's input, the final-norm output
    (a pre-hook on the output projection ``model.lm_head``). Sums in fp32 with autocast off; all-reduced across ranks.
 2. Per-row scales s_r, fixed before GPTQ and stored in fp16 (the quantization uses the stored
-   value): ``sdclip``: s_r = k·std(W_r)/q_max (population std; max|W_r|/q_max for a constant row); ``percentile``: s_r =
-   quantile_p(|W_r|)/q_max with p the candidate of ``percentiles`` whose round-to-nearest error of
-   row r is lowest. Codes are clamp(round(·/s_r), −q_max, q_max).
+   value), by the rule shared with ``rtn`` and QAT (``_rowquant``): ``sdclip``: s_r =
+   k·std(W_r)/q_max (population std; max|W_r|/q_max for a constant row), Hessian-aware when
+   ``hessian_clip_lambda`` λ > 0: s_r ← s_r·(1 + λ(ρ_r − 1)) with ρ_r the row's mean |W_rj|
+   weighted by the damped diag(H)/mean, normalised to mean 1; ``percentile`` (GPTQ-lite): the
+   candidate quantile_p(|W_r|)/q_max of ``percentiles`` with the lowest round-to-nearest error;
+   ``absmax``: max|W_r|/q_max. Codes are clamp(round(·/s_r), −q_max, q_max).
+   AWQ-lite (``awq_groups`` > 0): after calibration every claimed matrix's columns are cut into
+   groups of ``awq_group_size``; a column's salience is RMS(x_j)·mean_i|W_ij| (RMS(x_j) =
+   √(H_jj/rows)); the ``awq_groups`` groups with the largest summed salience over the whole model
+   are quantized inside the same solve on a finer grid, q_max' = 2^(``awq_bits``−1) − 1 with
+   their own row scales (same rule, q_max'), and stored with their column indices.
 3. Dead columns (H_jj = 0: an input never active in calibration): H_jj ← 1 and W_:j ← 0.
    Damping H ← H + λ·mean(diag H)·I, λ = ``damping``.
 4. Act-order: columns permuted by descending diag(H).
@@ -20,7 +28,9 @@ What, per matrix W (rows = outputs, cols = inputs) at b bits, q_max = 2^(b−1) 
 6. For column blocks of ``block_size``: for each column j, q_j = clamp(round(w_j/s)), err_j =
    (w_j − s·q_j)/U_jj, w_{j+1…block end} −= err_j·U_{j, j+1…}; after the block, the later columns
    receive the block's errors through U (lazy batch update, identical result).
-7. Codes un-permuted, stored as int8 with the fp16 row scales; Ŵ = q·s.
+7. Codes un-permuted, stored as int8 with the fp16 row scales (and the AWQ-lite columns with
+   their scales); Ŵ = q·s. The solve's seconds are logged apart (``calibration`` is its own
+   phase; the solve runs in the export phase).
 
 Without a Hessian — the size estimate (built before any training), or a tensor no calibration batch
 reached — a tensor falls back to round-to-nearest with the same scales. Every GPTQ result is also
@@ -32,7 +42,9 @@ path). Only 2-D tensors are claimed.
 Why: round-to-nearest minimises each weight's error; GPTQ minimises the layer's output error
 ‖(W − Ŵ)X‖ on real inputs, which is what the loss sees — at int6 it recovers most of the gap.
 
-Source: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ" (arXiv:2210.17323); parameter-golf
+Source: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ" (arXiv:2210.17323); AWQ-lite from PR #1908 /
+#1945 (one 64-column group at int8); Hessian-aware SDClip from ``R/2026-04-06`` (PR #1412, λ =
+0.175; later records use 0); parameter-golf
 ``R/2026-03-25_ValCalib_GPTQ…`` (AR self-generated calibration), ``R/2026-03-29_Loader_FullGPTQ…``
 (training batches inside the cap), ``R/2026-04-05_SP8192_GPTQ-Embeddings_SDClip…`` (SDClip
 k = 12.85, GPTQ'd tied embedding from the head input), ``R/2026-04-14`` (16 calibration batches),
@@ -41,92 +53,68 @@ the ``R/2026-04-29`` compliance rerun (8 s reserve; the defaults).
 Sites: the per-tensor ``quantizer`` slot (``claims``, ``quantize``, ``dequantize``,
 ``error_bound``), the ``calibrate`` event, the ``time_reserve`` chain.
 
-Interactions: calibration reads training batches inside the wall-clock cap (``reserve_seconds`` is
+Interactions: ``self_generated_calibration`` replaces the training batches by the model's own
+samples. Calibration reads training batches inside the wall-clock cap (``reserve_seconds`` is
 subtracted from it, so ``warmdown_fraction``/``cosine_lr`` fractions account for it); validation
 data is never read. pgolf also counts the export, where the GPTQ solve runs (on the device that
 gathered the Hessians), against the cap: size the reserve for both (one CPU thread solves a
 512×2048 matrix in about 2 s). ``late_qat`` should use the same bits and kinds. After full GPTQ, score-first
 TTT became neutral or negative on SP1024 stacks (``R/2026-03-25``, ``R/2026-03-29``); AdamW TTT
 destroys GPTQ's narrow minima. Tensors outside ``scope`` go to the default ``int8_rowwise``. The
-size estimate uses round-to-nearest codes, whose entropy is slightly below GPTQ's.
+size estimate calibrates on its surrogate model (random tokens), so it runs the real solve.
 
 Evidence (records, 8×H100): full GPTQ (+ AR calibration, XSA-all, bigger bigram, lzma) −0.0046
 BPB vs 1.1194 (``R/2026-03-25``); 64 → 16 calibration batches −0.0013 (72 more training steps,
-``R/2026-04-14``); 16 → 32 −0.0002 (PR #2135). Not yet measured with pgolf.
+``R/2026-04-14``); 16 → 32 −0.0002 (PR #2135); AWQ-lite ≈ −0.0003 BPB for ≈ +87 KB (PR #1945);
+Hessian-aware SDClip λ = 0.175 (0.30 worse, ``R/2026-04-06``). Measured with pgolf on a CPU-trained
+tiny model: lower weighted reconstruction error and val_bpb than round-to-nearest at int5 and
+int6 (``tests/techniques/test_gptq.py``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import AfterValidator, Field
+from pydantic import Field
 from torch import Tensor, nn
 
-from pgolf.registry import (
-    CalibrationData,
-    Kind,
-    ParamInfo,
-    Params,
-    Role,
-    Technique,
-    Tensors,
-    TensorScope,
-    hook,
-    register,
-)
-from pgolf.registry.api.errors import RunFailed
+from pgolf.registry import CalibrationData, Kind, ParamInfo, Tensors, TensorScope, hook, register
 from pgolf.registry.api.roles import param_infos
-
-FP16_MIN = 2.0**-24  # smallest positive fp16 (subnormal): scales never round to 0
-FP16_MAX = 65504.0
-KIND_NAMES = tuple(k.value for k in Kind)
-
-
-def _per_kind(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        bad = [k for k in value if k != "default" and k not in KIND_NAMES]
-        if bad:
-            raise ValueError(f"unknown kind {bad[0]!r}; keys are 'default' or kinds: {', '.join(KIND_NAMES)}")
-        if "default" not in value:
-            raise ValueError("a per-kind mapping needs a 'default' entry, e.g. {default: 6, embed: 7}")
-    return value
-
-
-Bits = Annotated[int, Field(ge=2, le=8)]
-ClipK = Annotated[float, Field(gt=0, le=1000)]
-Percentile = Annotated[float, Field(gt=50, le=100)]
-PerKindBits = Annotated[Bits | dict[str, Bits], AfterValidator(_per_kind)]
-PerKindK = Annotated[ClipK | dict[str, ClipK], AfterValidator(_per_kind)]
+from pgolf.techniques._rowquant import (
+    Bits,
+    Grid,
+    RowGridParams,
+    RowQuantizer,
+    check_finite,
+    code_steps,
+    dequantize_codes,
+    hessian_row_adjust,
+    pack_codes,
+    qmax_of,
+    rtn_error_bound,
+)
 
 
-def for_kind(value: Any, kind: Kind) -> Any:
-    """The entry of a per-kind parameter for ``kind`` (a plain value applies to every kind)."""
-    if isinstance(value, Mapping):
-        return value.get(kind.value, value["default"])
-    return value
-
-
-class GPTQParams(Params):
-    bits: PerKindBits = Field(6, description="bit width: one value, or {default: 6, embed: 7, ...} by kind")
+class GPTQParams(RowGridParams):
     scope: Tensors = Field(TensorScope.parse("matrices"), description="kinds/roles it claims (2-D only)")
-    clip: Literal["sdclip", "percentile"] = Field("sdclip", description="how the per-row scales are set")
-    sdclip_k: PerKindK = Field(
-        12.85, description="k of SDClip s = k·std/q_max: one value or by kind (records: embed 15-20)"
-    )
-    percentiles: tuple[Percentile, ...] = Field(
-        (99.9, 99.95, 99.99, 99.999, 100.0),
-        min_length=1,
-        description="clip percentiles of |w| tried per row (clip: percentile)",
-    )
     calibration_batches: int = Field(16, ge=1, le=4096, description="training batches the Hessians see")
     damping: float = Field(0.01, gt=0, le=1, description="λ: H += λ·mean(diag H)·I")
     block_size: int = Field(128, ge=1, le=8192, description="columns per lazy-update block")
     act_order: bool = Field(True, description="quantize columns in descending diag(H) order")
+    hessian_clip_lambda: float = Field(
+        0.0, ge=0, lt=1, description="Hessian-aware SDClip: clip × (1 + λ(row importance − 1)); 0 = plain"
+    )
+    awq_groups: int = Field(
+        0, ge=0, le=4096, description="AWQ-lite: column groups (model-wide) kept at awq_bits; 0 = off"
+    )
+    awq_group_size: int = Field(64, ge=1, le=8192, description="AWQ-lite: columns per group")
+    awq_bits: Bits = Field(8, description="AWQ-lite: bit width of the salient groups")
     reserve_seconds: float = Field(
         8.0,
         ge=0,
@@ -144,57 +132,6 @@ class GPTQParams(Params):
 # --------------------------------------------------------------------------------------------
 # The maths
 # --------------------------------------------------------------------------------------------
-
-
-def stored_scale(scale: Tensor) -> Tensor:
-    """The fp32 value of each scale as it is stored (fp16, at least its smallest positive value)."""
-    return scale.float().clamp(FP16_MIN, FP16_MAX).half().float()
-
-
-def round_to_nearest(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    """Codes clamp(round(w / s_r), −q_max, q_max) of w (R,C) with row scales s (R,) (float, exact ints)."""
-    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
-
-
-def sdclip_scales(w: Tensor, qmax: int, k: float) -> Tensor:
-    """s_r = k·std(W_r)/q_max (population std), as stored; a row whose std is 0 (constant or
-    zero) takes max|W_r|/q_max instead."""
-    w32 = w.float()
-    std = w32.std(dim=1, correction=0)
-    return stored_scale(torch.where(std > 0, k * std, w32.abs().amax(dim=1)) / qmax)
-
-
-def row_quantile(x: Tensor, q: float) -> Tensor:
-    """Per-row quantile of x (R,C) with torch.quantile's 'linear' rule, without its size limit."""
-    srt = x.sort(dim=1).values
-    pos = q * (x.shape[1] - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, x.shape[1] - 1)
-    return srt[:, lo] + (srt[:, hi] - srt[:, lo]) * (pos - lo)
-
-
-def percentile_scales(w: Tensor, qmax: int, percentiles: tuple[float, ...]) -> Tensor:
-    """Per row, the candidate s = quantile_p(|W_r|)/q_max (as stored) with the lowest
-    round-to-nearest squared error of that row (first candidate on ties)."""
-    w32 = w.float()
-    best_err = torch.full((w32.shape[0],), math.inf)
-    best = torch.ones(w32.shape[0])
-    for p in percentiles:
-        s = stored_scale(row_quantile(w32.abs(), p / 100.0))
-        err = (w32 - round_to_nearest(w32, s, qmax) * s[:, None]).square().sum(dim=1)
-        better = err < best_err
-        best = torch.where(better, s, best)
-        best_err = torch.where(better, err, best_err)
-    return best
-
-
-def rtn_error_bound(w: Tensor, scale: Tensor, qmax: int) -> float:
-    """Worst-case ‖W − Ŵ‖_F of round-to-nearest with these (stored) scales: an element within the
-    range is off by at most s/2, a clipped one by |w| − q_max·s."""
-    w32 = w.double()
-    s = scale.double()[:, None]
-    per = torch.maximum(s / 2, w32.abs() - qmax * s)
-    return float(per.square().sum().sqrt())
 
 
 def upper_cholesky_of_inverse(h: Tensor, damping: float, tries: int = 4) -> Tensor | None:
@@ -223,16 +160,24 @@ def gptq_codes(
     block_size: int = 128,
     damping: float = 0.01,
     act_order: bool = True,
+    hi_cols: Tensor | None = None,
+    hi_scale: Tensor | None = None,
+    hi_qmax: int = 127,
 ) -> tuple[Tensor, Tensor] | None:
     """GPTQ codes (R,C) (float tensor of integers in [−q_max, q_max]) of w (R,C) with input
     Hessian h (C,C) and row scales (R,), and the dead-column mask (C,); computed in float64 when
-    w is float64, else float32, on h's device. None when H cannot be factorised."""
+    w is float64, else float32, on h's device. Columns in ``hi_cols`` (AWQ-lite) use
+    ``hi_scale`` and ``hi_qmax`` inside the same solve. None when H cannot be factorised."""
     dt = torch.float64 if w.dtype == torch.float64 else torch.float32
     dev = h.device
     W = w.to(dev, dt).clone()
     H = h.to(dev, dt).clone()
     s = scale.to(dev, dt)
     cols = W.shape[1]
+    hi = torch.zeros(cols, dtype=torch.bool, device=dev)
+    if hi_cols is not None and hi_cols.numel():
+        hi[hi_cols.to(dev).long()] = True
+    s_hi = hi_scale.to(dev, dt) if hi_scale is not None else s
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -241,7 +186,7 @@ def gptq_codes(
         if act_order
         else torch.arange(cols, device=dev)
     )
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, hi = W[:, perm], H[perm][:, perm], hi[perm].tolist()
     U = upper_cholesky_of_inverse(H, damping)
     if U is None:
         return None
@@ -252,18 +197,35 @@ def gptq_codes(
         E1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = W1[:, i]
-            q = torch.clamp(torch.round(col / s), -qmax, qmax)
+            sc, qm = (s_hi, hi_qmax) if hi[i1 + i] else (s, qmax)
+            q = torch.clamp(torch.round(col / sc), -qm, qm)
             Q[:, i1 + i] = q
-            err = (col - q * s) / U[i1 + i, i1 + i]
+            err = (col - q * sc) / U[i1 + i, i1 + i]
             W1[:, i:] -= err[:, None] * U[i1 + i, i1 + i : i2][None, :]
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)], dead
 
 
-def dequantize(q: Tensor, scale: Tensor) -> Tensor:
-    """Ŵ = q·s_r in fp32 (codes (R,C), scales (R,))."""
-    return q.float() * scale.float()[:, None]
+def awq_salience(w: Tensor, h: Tensor, rows: int) -> Tensor:
+    """AWQ-lite column salience RMS(x_j)·mean_i|W_ij| (C,), with RMS(x_j) = √(H_jj/rows)."""
+    act_rms = (h.diagonal().double().clamp_min(0) / max(rows, 1)).sqrt().cpu()
+    return act_rms * w.detach().double().abs().mean(dim=0).cpu()
+
+
+def awq_select(candidates: Mapping[str, Tensor], group_size: int, groups: int) -> dict[str, Tensor]:
+    """The ``groups`` column groups (contiguous, ``group_size`` wide, the remainder of a matrix
+    in no group) with the largest summed salience over all ``candidates`` (name -> salience
+    (C,)); returns name -> selected column indices (sorted). Ties go to the earlier name/group."""
+    scored: list[tuple[float, int, str, int]] = []
+    for order, (name, sal) in enumerate(sorted(candidates.items())):
+        for g in range(sal.numel() // group_size):
+            scored.append((float(sal[g * group_size : (g + 1) * group_size].sum()), -order, name, g))
+    scored.sort(key=lambda t: (-t[0], -t[1], t[3]))
+    out: dict[str, list[int]] = {}
+    for _, _, name, g in scored[:groups]:
+        out.setdefault(name, []).extend(range(g * group_size, (g + 1) * group_size))
+    return {n: torch.tensor(sorted(c), dtype=torch.int32) for n, c in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,10 +241,11 @@ class TensorReport:
     method: str
     calibration_rows: int
     relative_error: float  # ‖W − Ŵ‖/‖W‖
+    awq_columns: int = 0
 
 
 @register("gptq")
-class GPTQ(Technique):
+class GPTQ(RowQuantizer):
     """Full-Hessian GPTQ: quantize each matrix column by column, pushing every column's rounding error
     onto the columns not yet quantized, weighted by the layer's input Hessian from training batches."""
 
@@ -293,25 +256,52 @@ class GPTQ(Technique):
         super().__init__(params, spec)
         self.hessians: dict[str, Tensor] = {}  # weight name -> Σ XᵀX (cols, cols) fp32
         self.rows: dict[str, int] = {}  # weight name -> calibration rows (tokens × passes) seen
+        self.awq: dict[str, Tensor] = {}  # weight name -> AWQ-lite columns (int32)
         self.report: dict[str, TensorReport] = {}
+        self.solve_seconds = 0.0
 
     # -- per-tensor choices -------------------------------------------------------------------
     def qmax(self, kind: Kind) -> int:
-        return int(2 ** (int(for_kind(self.params.bits, kind)) - 1) - 1)
-
-    def scales(self, w: Tensor, kind: Kind) -> Tensor:
-        qmax = self.qmax(kind)
-        if self.params.clip == "sdclip":
-            return sdclip_scales(w, qmax, float(for_kind(self.params.sdclip_k, kind)))
-        return percentile_scales(w, qmax, self.params.percentiles)
+        return self.grid(kind).qmax
 
     def hessian(self, name: str, cols: int) -> Tensor | None:
         h = self.hessians.get(name)
         return h if h is not None and tuple(h.shape) == (cols, cols) else None
 
-    def _bound(self, w: Tensor, scale: Tensor, qmax: int, h: Tensor | None) -> float:
+    def scales(self, w: Tensor, kind: Kind, h: Tensor | None = None, qmax: int | None = None) -> Tensor:
+        """Stored row scales of w on its kind's grid (q_max overridden for the AWQ-lite columns),
+        Hessian-aware when λ > 0 and H is known."""
+        grid = self.grid(kind) if qmax is None else self.grid(kind).with_qmax(qmax)
+        adjust = None
+        lam = self.params.hessian_clip_lambda
+        if lam > 0 and h is not None and grid.clip == "sdclip":
+            d = h.diagonal().double().cpu().clone()
+            d[d == 0] = 1.0
+            d = d + self.params.damping * d.mean()
+            adjust = hessian_row_adjust(w, d, lam)
+        return grid.scales(w, adjust)
+
+    def _plan(self, name: str, w: Tensor, kind: Kind) -> tuple[Grid, Tensor, Tensor | None, dict[str, Any]]:
+        """(grid, row scales, H, the AWQ-lite columns' settings) of one tensor."""
+        grid = self.grid(kind)
+        h = self.hessian(name, w.shape[1])
+        scale = self.scales(w, kind, h)
+        hi: dict[str, Any] = {}
+        cols = self.awq.get(name)
+        hi_qmax = qmax_of(self.params.awq_bits)
+        if cols is not None and cols.numel() and hi_qmax > grid.qmax and int(cols.max()) < w.shape[1]:
+            hi = {"hi_cols": cols, "hi_scale": self.scales(w, kind, h, hi_qmax), "hi_qmax": hi_qmax}
+        return grid, scale, h, hi
+
+    def _bound(self, w: Tensor, grid: Grid, scale: Tensor, h: Tensor | None, hi: dict[str, Any]) -> float:
         """Absolute bound on ‖W − Ŵ‖_F for the path this tensor takes."""
-        rtn = rtn_error_bound(w, scale, qmax)
+        data = pack_codes(
+            torch.zeros(w.shape, dtype=torch.int8), scale, hi.get("hi_cols"), hi.get("hi_scale")
+        )
+        qmax = torch.full((w.shape[1],), grid.qmax)
+        if hi:
+            qmax[hi["hi_cols"].long()] = hi["hi_qmax"]
+        rtn = rtn_error_bound(w, code_steps(data), qmax)
         if h is None:
             return rtn
         dead = (h.diagonal() == 0).cpu()
@@ -320,42 +310,50 @@ class GPTQ(Technique):
 
     # -- the quantizer slot -------------------------------------------------------------------
     @hook
-    def claims(self, info: ParamInfo) -> bool:
-        return len(info.shape) == 2 and info.role != Role.ADAPTER and self.params.scope.contains(info)
-
-    @hook
     def quantize(self, name: str, tensor: Tensor, info: ParamInfo) -> dict[str, Tensor]:
         w = tensor.detach().float().cpu()
-        if not bool(torch.isfinite(w).all()):
-            raise RunFailed(f"tensor {name} holds NaN or inf values; refusing to export it (gptq)")
-        qmax = self.qmax(info.kind)
-        scale = self.scales(w, info.kind)
-        h = self.hessian(name, w.shape[1])
+        check_finite(name, w, "gptq")
+        t0 = time.perf_counter()
+        grid, scale, h, hi = self._plan(name, w, info.kind)
         method = "rtn"
-        codes = round_to_nearest(w, scale, qmax)
+        stored = pack_codes(
+            torch.zeros(w.shape, dtype=torch.int8), scale, hi.get("hi_cols"), hi.get("hi_scale")
+        )
+        steps = code_steps(stored)
+        qmax = torch.full((w.shape[1],), grid.qmax, dtype=torch.float32)
+        if hi:
+            qmax[hi["hi_cols"].long()] = hi["hi_qmax"]
+        codes = torch.clamp(torch.round(w / steps), -qmax, qmax)
         if h is not None:
             p = self.params
             got = gptq_codes(
-                w, h, scale, qmax, block_size=p.block_size, damping=p.damping, act_order=p.act_order
-            )
+                w, h, scale, grid.qmax, block_size=p.block_size, damping=p.damping, act_order=p.act_order,
+                hi_cols=hi.get("hi_cols"), hi_scale=hi.get("hi_scale"), hi_qmax=hi.get("hi_qmax", 127),
+            )  # fmt: skip
             method = "rtn-fallback"
             if got is not None:
                 g = got[0].cpu()
-                if float((w.double() - dequantize(g, scale).double()).norm()) <= self._bound(
-                    w, scale, qmax, h
-                ):
+                if float((w.double() - (g * steps).double()).norm()) <= self._bound(w, grid, scale, h, hi):
                     codes, method = g, "gptq"
-        err = float((w - dequantize(codes, scale)).norm() / w.norm().clamp_min(1e-30))
-        self.report[name] = TensorReport(method, self.rows.get(name, 0), err)
-        if method != "gptq" and self.hessians:  # (without calibration, e.g. the size estimate: all rtn)
+        data = pack_codes(codes, scale, hi.get("hi_cols"), hi.get("hi_scale"))
+        err = float((w - dequantize_codes(data)).norm() / w.norm().clamp_min(1e-30))
+        self.solve_seconds += time.perf_counter() - t0
+        n_hi = int(hi["hi_cols"].numel()) if hi else 0
+        self.report[name] = TensorReport(method, self.rows.get(name, 0), err, n_hi)
+        if method != "gptq" and self.hessians:  # (without calibration, e.g. a tensor never reached)
             self.log(
                 f"{name}: {method} (relative error {err:.4f}, {self.rows.get(name, 0)} calibration rows)"
             )
-        return {"q": codes.to(torch.int8), "scale": scale.half()}
-
-    @hook
-    def dequantize(self, data: dict[str, Tensor]) -> Tensor:
-        return dequantize(data["q"], data["scale"])
+        if self.hessians and set(self.hessians) <= set(self.report) and not getattr(self, "_told", False):
+            self._told = True
+            methods = [r.method for r in self.report.values()]
+            self.log(
+                f"solve: {len(methods)} tensor(s) in {self.solve_seconds:.1f}s ("
+                + ", ".join(f"{m} {methods.count(m)}" for m in sorted(set(methods)))
+                + (f"; AWQ-lite columns in {len(self.awq)} tensor(s)" if self.awq else "")
+                + ")"
+            )
+        return data
 
     @hook
     def error_bound(self, info: ParamInfo, tensor: Tensor) -> float:
@@ -363,9 +361,8 @@ class GPTQ(Technique):
         norm = float(w.double().norm())
         if norm == 0:
             return 0.0
-        qmax = self.qmax(info.kind)
-        scale = self.scales(w, info.kind)
-        return self._bound(w, scale, qmax, self.hessian(info.name, w.shape[1])) / norm
+        grid, scale, h, hi = self._plan(info.name, w, info.kind)
+        return self._bound(w, grid, scale, h, hi) / norm
 
     # -- calibration ---------------------------------------------------------------------------
     @hook
@@ -374,7 +371,8 @@ class GPTQ(Technique):
 
     @hook
     def calibrate(self, model: nn.Module, batches: CalibrationData, switches: tuple[str, ...]) -> None:
-        self.hessians, self.rows, self.report = {}, {}, {}
+        self.hessians, self.rows, self.report, self.awq = {}, {}, {}, {}
+        self.solve_seconds, self._told = 0.0, False
         targets = self.targets(model)
         handles = [
             module.register_forward_pre_hook(self._collector(name)) for name, (module, _) in targets.items()
@@ -394,11 +392,33 @@ class GPTQ(Technique):
             f"Hessians of {len(self.hessians)} tensor(s) from {self.params.calibration_batches} training "
             f"batch(es) ({rows[0] if rows else 0}–{rows[-1] if rows else 0} rows each)"
         )
+        if self.params.awq_groups:
+            self.awq = self.select_awq(targets)
+            self.log(
+                "AWQ-lite: "
+                + ", ".join(f"{n} columns {int(c[0])}–{int(c[-1])}" for n, c in self.awq.items())
+                + f" at int{self.params.awq_bits}"
+            )
+
+    def select_awq(self, targets: dict[str, tuple[nn.Module, int]]) -> dict[str, Tensor]:
+        """AWQ-lite's salient column groups over every calibrated matrix whose bits are below
+        ``awq_bits`` (weights as they are now: calibration runs after training and finalize)."""
+        weights = {
+            n: m.weight for n, (m, _) in targets.items() if isinstance(getattr(m, "weight", None), Tensor)
+        }
+        infos = {n: self._infos[n] for n in weights if n in self._infos}
+        cands = {
+            n: awq_salience(weights[n], self.hessians[n], self.rows[n])
+            for n in weights
+            if n in self.hessians and n in infos and self.qmax(infos[n].kind) < qmax_of(self.params.awq_bits)
+        }
+        return awq_select(cands, self.params.awq_group_size, self.params.awq_groups)
 
     def targets(self, model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
         """Weight name -> (the module whose input X multiplies it, its input width), for every
         claimed weight: Linear modules, and the head for the output weight (tied embedding)."""
         infos = param_infos(model)
+        self._infos = infos
         names = {id(p): n for n, p in model.named_parameters()}
         # the output projection (model.lm_head): its input is the final-norm output, whether its
         # weight is the tied embedding or an untied head
@@ -450,8 +470,10 @@ class GPTQ(Technique):
         return {
             "hessians": {k: v.detach().cpu().clone() for k, v in self.hessians.items()},
             "rows": {k: torch.tensor(v, dtype=torch.int64) for k, v in self.rows.items()},
+            "awq": {k: v.clone() for k, v in self.awq.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.hessians = {k: v.clone() for k, v in state.get("hessians", {}).items()}
         self.rows = {k: int(v) for k, v in state.get("rows", {}).items()}
+        self.awq = {k: v.clone() for k, v in state.get("awq", {}).items()}

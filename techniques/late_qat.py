@@ -1,13 +1,16 @@
 """Late QAT: once the LR multiplier falls below ``threshold``, train the block matrices through
-straight-through fake quantization at the export's bit width.
+straight-through fake quantization on the export's grid (bits and scale rule).
 
 What: a switch ``late_qat`` turns on after the first step whose LR multiplier was below
 ``threshold``. While it is on, every pgolf ``Linear`` of the selected ``kinds`` computes with
 W_q = W + stopgrad(Q(W) − W), where Q(W) = s·clamp(round(W/s), −q_max, q_max) with one scale per
-output row s_r = max_j |W_rj| / q_max, q_max = 2^(bits−1) − 1 (rows of zeros keep s = 1e-12 and
-quantize to 0). The forward sees the quantized weights; the backward is the identity
-(∂W_q/∂W = I), so the fp32 master weights keep receiving the full gradient. The switch is
-training-only (``at_eval`` false): validation, export and the final score use the plain weights.
+output row on the grid ``rtn`` and ``gptq`` use (``_rowquant``): q_max = 2^(bits−1) − 1 per kind,
+s_r by ``clip`` — ``absmax`` (the records' s_r = max_j |W_rj| / q_max), ``sdclip`` (k·std/q_max,
+gptq's default) or ``percentile`` — held at its stored fp16 value. With the same bits and rule as
+the export, Q(W) is exactly what ``rtn`` stores for W. The forward sees the quantized weights;
+the backward is the identity (∂W_q/∂W = I), so the fp32 master weights keep receiving the full
+gradient. The switch is training-only (``at_eval`` false): validation, export and the final score
+use the plain weights.
 
 The switch reaches the module as ``ctx.switches`` (a forward argument), never as a Python
 attribute flipped after compilation: ``torch.compile`` guards on it and keeps one graph per
@@ -24,8 +27,10 @@ the Python class attribute it toggled was constant-folded by ``torch.compile``) 
 Sites: the ``linear_weight`` slot of each Linear of the selected kinds, and the ``switches``
 chain.
 
-Interactions: ``bits`` and ``kinds`` should match the export quantizer of those tensors (``gptq``
-bits 6, scope matrices; int8 noise with an int5 export hurt, ``N/2026-03-21``). The switch follows
+Interactions: ``bits``, ``clip`` (and ``sdclip_k``) and ``kinds`` should match the export quantizer
+of those tensors (``gptq`` defaults: bits 6, ``clip: sdclip``, k 12.85, scope matrices; int8
+noise with an int5 export hurt, ``N/2026-03-21``). ``qat`` is the same from a training fraction
+(the start by default); the two fill the same slot. The switch follows
 the ``lr_schedule`` slot: with ``warmdown_fraction``'s min_lr ≥ threshold it never turns on.
 Selecting ``head`` fake-quantizes the output projection (the tied embedding as the head, or an
 untied head). Another ``linear_weight`` filler on the same Linear is a conflict. Its gain only shows at the end of training (``gain_at_end``).
@@ -38,65 +43,40 @@ instead). Not yet measured with pgolf.
 from __future__ import annotations
 
 from pydantic import Field
-from torch import Tensor, nn
+from torch import nn
 
-from pgolf.registry import Ctx, Kind, Params, Switch, Technique, TrainState, hook, register
+from pgolf.registry import Kind, Switch, Technique, TrainState, hook, register
 from pgolf.registry.api.roles import BLOCK_MATRIX_KINDS
+from pgolf.techniques._rowquant import Clip, FakeQuantWeight, Grid, RowGridParams
 
 SWITCH = "late_qat"
-MIN_SCALE = 1e-12
 
 
-class LateQATParams(Params):
+class LateQATParams(RowGridParams):
     threshold: float = Field(
         0.15, gt=0.0, le=1.0, description="turn on after a step whose LR multiplier was below this"
     )
-    bits: int = Field(
-        6, ge=2, le=8, description="bit width of the fake quantization (q_max = 2^(bits−1) − 1)"
+    clip: Clip = Field(
+        "absmax", description="scale rule of the export it trains for: absmax, sdclip, percentile"
     )
     kinds: tuple[Kind, ...] = Field(
         BLOCK_MATRIX_KINDS, min_length=1, description="Linear kinds trained through fake quantization"
     )
 
 
-def fake_quantize(w: Tensor, bits: int) -> Tensor:
-    """Q(W): per-row symmetric round-to-nearest with s_r = max|W_r|/q_max (the values, no STE)."""
-    qmax = 2 ** (bits - 1) - 1
-    w32 = w.float()
-    scale = (w32.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(MIN_SCALE)
-    return (w32 / scale).round().clamp(-qmax, qmax).mul(scale).to(w.dtype)
-
-
-def ste_fake_quantize(w: Tensor, bits: int) -> Tensor:
-    """W + stopgrad(Q(W) − W): the values of Q(W), the gradient of the identity."""
-    return w + (fake_quantize(w, bits) - w).detach()
-
-
-class FakeQuantWeight(nn.Module):
-    """The weight as is while the switch is off; ste_fake_quantize(W) while it is on."""
-
-    def __init__(self, bits: int):
-        super().__init__()
-        self.bits = bits
-
-    def forward(self, w: Tensor, ctx: Ctx | None) -> Tensor:
-        if ctx is None or SWITCH not in ctx.switches:
-            return w
-        return ste_fake_quantize(w, self.bits)
-
-
 @register("late_qat")
 class LateQAT(Technique):
     """Late QAT: once the LR multiplier falls below ``threshold``, train the block matrices through
-    straight-through fake quantization at the export's bit width."""
+    straight-through fake quantization on the export's grid (bits and scale rule)."""
 
     Params = LateQATParams
     params: LateQATParams
     gain_at_end = True
+    conflicts = ("qat",)
 
     @hook
     def linear_weight(self, kind: Kind) -> nn.Module | None:
-        return FakeQuantWeight(self.params.bits) if kind in self.params.kinds else None
+        return FakeQuantWeight(Grid.of(self.params, kind), SWITCH) if kind in self.params.kinds else None
 
     @hook
     def switches(self) -> list[Switch]:

@@ -1,8 +1,9 @@
 """Zstandard codec for the packed model, in place of zlib.
 
 What: Zstandard (RFC 8878) at ``level`` 1–22 over the serialized quantized state, with an
-optional long-distance window (``window_log``) and a frame checksum (a flipped bit in the
-artifact fails to decode instead of scoring a different model).
+optional window (``window_log``), long-distance matching (``long``: zstd's ``--long`` mode, which
+finds repeats far back in the window) and a frame checksum (a flipped bit in the artifact fails
+to decode instead of scoring a different model).
 Why: on int6/int8 payloads zstd-22 is about 5 % smaller than zlib-9, bytes that buy width or
 precision under the 16 MB cap, and it decompresses fast.
 Source: parameter-golf ``R/2026-03-19_MLP3x…`` ("~1.5 MB smaller than zlib for 11L MLP3×") and
@@ -26,6 +27,7 @@ class ZstdParams(Params):
     window_log: int | None = Field(
         None, ge=10, le=31, description="log2 of the long-distance window; null = the level's default"
     )
+    long: bool = Field(False, description="long-distance matching (zstd --long)")
     checksum: bool = Field(True, description="write a frame checksum (detects a corrupted artifact)")
 
 
@@ -39,11 +41,12 @@ class Zstd(Technique):
     @hook
     def compress(self, data: bytes) -> bytes:
         p = self.params
+        extra = {"window_log": p.window_log} if p.window_log else {}
         cp = zstandard.ZstdCompressionParameters.from_level(
-            p.level, write_checksum=p.checksum, **({"window_log": p.window_log} if p.window_log else {})
+            p.level, write_checksum=p.checksum, enable_ldm=p.long, **extra
         )
         return zstandard.ZstdCompressor(compression_params=cp).compress(data)
 
     @hook
     def decompress(self, data: bytes) -> bytes:
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 34)
+        return zstandard.ZstdDecompressor(max_window_size=1 << 31).decompress(data, max_output_size=1 << 34)

@@ -204,7 +204,9 @@ SITES: dict[str, Site] = {
               ("error_bound", ("info", "tensor"),
                "largest relative RMS error ‖ŵ − w‖/‖w‖ its round trip can give this tensor", None, True)),
         _site("post_quant", "export", CHAIN, "-", "the packed state after quantization (±1 pruning, LQER)",
-              ("post_quantize", ("packed", "state", "infos"), "packed -> packed", None),
+              ("post_quantize", ("packed", "state", "infos", "quantized", "measure"),
+               "packed -> packed; state: the float state the quantizers were given, quantized: their "
+               "output dequantized (name -> tensor), measure(packed) -> artifact bytes", None),
               ("post_dequantize", ("state", "packed"), "float state -> float state at load", None, True)),
         _site("serializer", "export", SLOT, "torch.save / torch.load(weights_only)",
               "packed state <-> bytes (bit packing)",

@@ -4,19 +4,23 @@ byte-transform chain → codec → artifact file; and the way back.
 The framework owns the tensor loop, passthrough and the format; techniques fill the export sites
 (:mod:`pgolf.registry.api.sites`):
 
-* ``float_state`` chain: the float state before quantization (pruning);
+* ``float_state`` chain: the float state before quantization (magnitude pruning), each step on
+  the previous step's output;
 * ``quantizer`` slot per tensor: a technique claims tensors by role/kind (its ``scope``); the
   default ``int8_rowwise`` takes every large tensor nobody claims. Tensors no quantizer takes are
   float passthrough: non-float tensors as they are, control tensors (role ``scalar``) in fp32,
   small tensors (≤ ``export.passthrough_max_numel`` elements) in ``export.passthrough_dtype``, or
   fp32 where a value would not be representable there;
-* ``post_quant`` chain on the packed state (±1 pruning, LQER), undone by ``post_dequantize``;
+* ``post_quant`` chain on the packed state (LQER, ±1 pruning), undone by ``post_dequantize``;
+  each step also gets the quantizers' dequantized output and ``measure`` (the artifact bytes of a
+  packed state, for steps that aim at a byte target);
 * ``serializer`` slot (default ``torch.save``), ``byte_transform`` chain, ``codec`` slot (default
   ``zlib``).
 
 After every write the artifact is read back from disk and checked: every tensor must equal what
-the quantizers produced in memory, be finite, and be within the error the quantizer states for it
-(its ``error_bound`` hook) of the float weights (:class:`ExportMismatch` otherwise). The score is always taken after
+the quantizers and the post-quantization chain produced in memory, bit for bit, and be finite;
+each quantizer's output must be within the error it states (its ``error_bound`` hook) of the
+tensor it was given (:class:`ExportMismatch` otherwise). The score is always taken after
 :func:`load_artifact` has read the file back from disk, and the reported model bytes are the
 file's size on disk. (The counted code bytes are :mod:`.code`'s.)
 """
@@ -26,8 +30,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,26 +74,38 @@ def default_quantizer(sites: Dispatcher) -> Technique | None:
     return next((t for t in sites.techniques if t.name == name), None)
 
 
+def float_cast(t: Tensor, dtype: str) -> Tensor:
+    """``t`` in the float format ``dtype`` (fp16, bf16 or fp32), or in fp32 where a value would not
+    be representable there (|w| > 65,504 in fp16 becomes inf: kept exact instead)."""
+    cast = t.to(_DTYPES[dtype])
+    if not bool(torch.isfinite(cast).all()):
+        cast = t.float()
+    return cast
+
+
 def _float_entry(name: str, t: Tensor, info: ParamInfo | None, cfg: ExportConfig) -> dict[str, Any]:
     if not t.is_floating_point():
         return {"q": "raw", "data": {"t": t}}
     if info is not None and info.role == Role.SCALAR:
         return {"q": "float", "data": {"t": t.float()}}
-    want = _DTYPES[cfg.passthrough_dtype]
-    cast = t.to(want)
-    if not bool(torch.isfinite(cast).all()):  # e.g. |w| > 65,504 in fp16: keep it exact instead
-        cast = t.float()
-    return {"q": "float", "data": {"t": cast}}
+    return {"q": "float", "data": {"t": float_cast(t, cfg.passthrough_dtype)}}
 
 
-def quantize_state(
-    state: Mapping[str, Tensor], infos: Mapping[str, ParamInfo], sites: Dispatcher, cfg: ExportConfig
-) -> dict[str, Any]:
-    """The packed state: the float-state chain, then one entry per tensor (quantized by the
-    quantizer that claims it, or float passthrough), then the post-quantization chain."""
+def float_chain(
+    state: Mapping[str, Tensor], infos: Mapping[str, ParamInfo], sites: Dispatcher
+) -> dict[str, Tensor]:
+    """The ``float_state`` chain (pruning) applied to the export state: what the quantizers get."""
     fstate = dict(state)
-    for fn in sites.chain("float_state", state=fstate, infos=dict(infos)):
-        fstate = fn
+    for t in sites.implementers("float_state"):  # each step gets the previous step's state
+        fstate = dict(t.call("float_state", state=fstate, infos=dict(infos)))
+    return fstate
+
+
+def quantize_tensors(
+    fstate: Mapping[str, Tensor], infos: Mapping[str, ParamInfo], sites: Dispatcher, cfg: ExportConfig
+) -> dict[str, Any]:
+    """The packed state before the post-quantization chain: one entry per tensor, quantized by
+    the quantizer that claims it, or float passthrough."""
     default = default_quantizer(sites)
     tensors: dict[str, Any] = {}
     for name, t in fstate.items():
@@ -106,17 +122,66 @@ def quantize_state(
             entry = {"q": q.name, "data": dict(q.call("quantize", name=name, tensor=t, info=info))}
         entry["dtype"] = str(t.dtype).removeprefix("torch.")
         entry["shape"] = list(t.shape)
+        if info is not None:
+            entry["kind"] = info.kind.value
         tensors[name] = entry
-    packed: dict[str, Any] = {"format": FORMAT, "tensors": tensors, "extra": {}}
+    return {"format": FORMAT, "tensors": tensors, "extra": {}}
+
+
+Measure = Callable[[Mapping[str, Any]], int]
+"""Bytes the artifact of a packed state would take (serializer, byte transforms and codec)."""
+
+
+def post_quantize(
+    packed: dict[str, Any],
+    fstate: Mapping[str, Tensor],
+    infos: Mapping[str, ParamInfo],
+    sites: Dispatcher,
+    quantized: Mapping[str, Tensor],
+) -> dict[str, Any]:
+    """The ``post_quant`` chain in order. Each step gets the packed state, the float state the
+    quantizers were given, the dequantized quantizer output (before any step) and ``measure``."""
+
+    def measure(p: Mapping[str, Any]) -> int:
+        return len(encode(serialize(p, sites), sites))
+
     for step in sites.implementers("post_quantize"):
-        packed = step.call("post_quantize", packed=packed, state=fstate, infos=dict(infos))
+        packed = step.call(
+            "post_quantize",
+            packed=packed,
+            state=dict(fstate),
+            infos=dict(infos),
+            quantized=quantized,
+            measure=measure,
+        )
     return packed
 
 
-def dequantize_state(
+def quantize_state(
+    state: Mapping[str, Tensor], infos: Mapping[str, ParamInfo], sites: Dispatcher, cfg: ExportConfig
+) -> dict[str, Any]:
+    """The packed state: the float-state chain, then one entry per tensor (quantized by the
+    quantizer that claims it, or float passthrough), then the post-quantization chain."""
+    return _quantize(state, infos, sites, cfg)[0]
+
+
+def _quantize(
+    state: Mapping[str, Tensor], infos: Mapping[str, ParamInfo], sites: Dispatcher, cfg: ExportConfig
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    """(packed state, float state given to the quantizers, their dequantized output)."""
+    fstate = float_chain(state, infos, sites)
+    packed = quantize_tensors(fstate, infos, sites, cfg)
+    quantized = dequantize_entries(packed, infos, sites)
+    if sites.implementers("post_quantize"):
+        packed = post_quantize(packed, fstate, infos, sites, quantized)
+    return packed, fstate, quantized
+
+
+def dequantize_entries(
     packed: Mapping[str, Any], infos: Mapping[str, ParamInfo], sites: Dispatcher
 ) -> dict[str, Tensor]:
-    """The float state an artifact holds (each tensor in its recorded dtype)."""
+    """Each entry dequantized by its quantizer (each tensor in its recorded dtype), before the
+    post-quantization chain is undone."""
     if packed.get("format") != FORMAT:
         raise PgolfError(f"not a {FORMAT} artifact (format={packed.get('format')!r})")
     by_name = {t.name: t for t in sites.techniques}
@@ -133,6 +198,14 @@ def dequantize_state(
             )
         info = infos.get(name) or ParamInfo(name, Role.MATRIX, Kind.OTHER, None, tuple(entry["shape"]))
         state[name] = q.call("dequantize", name=name, data=entry["data"], info=info).to(dtype)
+    return state
+
+
+def dequantize_state(
+    packed: Mapping[str, Any], infos: Mapping[str, ParamInfo], sites: Dispatcher
+) -> dict[str, Tensor]:
+    """The float state an artifact holds (each tensor in its recorded dtype)."""
+    state = dequantize_entries(packed, infos, sites)
     for step in reversed(sites.implementers("post_dequantize")):
         state = step.call("post_dequantize", state=state, packed=packed)
     return state
@@ -178,15 +251,17 @@ class Export:
 
     blob: bytes
     packed: dict[str, Any]
-    state: dict[str, Tensor]
+    state: dict[str, Tensor]  # the model's export state
     infos: dict[str, ParamInfo]
+    given: dict[str, Tensor] = field(default_factory=dict)  # after the float-state chain
+    quantized: dict[str, Tensor] = field(default_factory=dict)  # the quantizers' output, dequantized
 
 
 def export_model(model: nn.Module, sites: Dispatcher, cfg: ExportConfig) -> Export:
     """Quantize, pack and compress ``model``: the exact bytes the artifact file will hold."""
     state, infos = export_state(model)
-    packed = quantize_state(state, infos, sites, cfg)
-    return Export(encode(serialize(packed, sites), sites), packed, state, infos)
+    packed, given, quantized = _quantize(state, infos, sites, cfg)
+    return Export(encode(serialize(packed, sites), sites), packed, state, infos, given, quantized)
 
 
 def export_bytes(model: nn.Module, sites: Dispatcher, cfg: ExportConfig) -> bytes:
@@ -219,8 +294,10 @@ def write_artifact(path: Path, model: nn.Module, sites: Dispatcher, cfg: ExportC
 
 def verify_export(path: Path, ex: Export, sites: Dispatcher) -> None:
     """Read ``path`` back and compare with the export in memory: each dequantized tensor must
-    equal the quantizers' own output, be finite, and lie within the quantizer's stated relative
-    RMS error of the float weights (float passthrough: the cast's error)."""
+    equal what the quantizers and the post-quantization chain produced, bit for bit, and be
+    finite; and each quantizer's own output must lie within its stated relative RMS error of the
+    tensor it was given (after the float-state chain; float passthrough: the cast's error).
+    Post-quantization steps (LQER, ±1 pruning) are held to the exact round trip."""
     expected = dequantize_state(ex.packed, ex.infos, sites)
     got = load_artifact(path, sites, ex.infos)
     by_name = {t.name: t for t in sites.techniques}
@@ -233,7 +310,7 @@ def verify_export(path: Path, ex: Export, sites: Dispatcher) -> None:
             )
         if have.is_floating_point() and not bool(torch.isfinite(have).all()):
             raise ExportMismatch(f"tensor {name} holds NaN or inf after the export round trip")
-        orig = ex.state.get(name)
+        orig = ex.given.get(name, ex.state.get(name))
         if orig is None or not orig.is_floating_point():
             continue
         entry = ex.packed["tensors"][name]
@@ -244,12 +321,12 @@ def verify_export(path: Path, ex: Export, sites: Dispatcher) -> None:
             if "error_bound" not in q.hooks:  # no stated error: equality and finiteness only
                 continue
             bound = float(q.call("error_bound", info=ex.infos[name], tensor=orig)) * 1.001 + 1e-9
-        err = relative_rms_error(have, orig)
+        err = relative_rms_error(ex.quantized.get(name, have), orig)
         if err > bound:
             how = "float passthrough" if entry["q"] == "float" else f"quantizer {entry['q']!r}"
             raise ExportMismatch(
-                f"tensor {name} comes back from the artifact with relative RMS error {err:.3g}, above "
-                f"the {bound:.3g} its {how} allows"
+                f"tensor {name} is stored with relative RMS error {err:.3g}, above the {bound:.3g} "
+                f"its {how} allows"
             )
 
 

@@ -12,17 +12,27 @@ from pgolf.registry import Ctx, Kind
 from pgolf.registry.run.model import Linear
 from pgolf.registry.run.pipeline import build, eval_switches
 from pgolf.registry.run.runtime import seed_everything
-from pgolf.techniques.late_qat import SWITCH, FakeQuantWeight, fake_quantize, ste_fake_quantize
+from pgolf.techniques._rowquant import FakeQuantWeight, Grid, fake_quantize, qmax_of, ste
+from pgolf.techniques.late_qat import SWITCH
 
 
 def reference(w: np.ndarray, bits: int) -> np.ndarray:
-    """Row by row: s = max|w|/(2^(b−1) − 1), codes round-half-even(w/s) clamped, back to s·codes."""
+    """Row by row: s = max|w|/(2^(b−1) − 1) rounded to fp16 (at least its smallest positive
+    value, as stored by the export), codes round-half-even(w/s) clamped, back to s·codes."""
     qmax = 2 ** (bits - 1) - 1
     out = np.zeros_like(w)
     for r, row in enumerate(w):
-        s = max(float(np.abs(row).max()) / qmax, 1e-12)
+        s = float(np.float16(max(float(np.abs(row).max()) / qmax, 2.0**-24)))
         out[r] = np.clip(np.round(row / s), -qmax, qmax) * s
     return out
+
+
+def absmax(bits: int) -> Grid:
+    return Grid(qmax_of(bits), clip="absmax")
+
+
+def fake(w: torch.Tensor, bits: int) -> torch.Tensor:
+    return fake_quantize(w, absmax(bits))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
@@ -30,7 +40,7 @@ def test_fake_quantization_matches_a_row_by_row_reference(bits: int) -> None:
     torch.manual_seed(bits)
     w = torch.randn(7, 33) * torch.logspace(-3, 1, 7)[:, None]
     w[3] = 0.0
-    got = fake_quantize(w, bits)
+    got = fake(w, bits)
     assert np.allclose(got.numpy(), reference(w.numpy(), bits), rtol=1e-6, atol=1e-12)
     for r in range(7):  # each row lies on its own grid of at most 2^b − 1 levels
         assert len(torch.unique(got[r])) <= 2**bits - 1
@@ -40,8 +50,8 @@ def test_fake_quantization_matches_a_row_by_row_reference(bits: int) -> None:
 def test_ste_forward_is_quantized_and_gradient_is_identity() -> None:
     torch.manual_seed(0)
     w = torch.randn(5, 9, requires_grad=True)
-    y = ste_fake_quantize(w, 6)
-    assert torch.equal(y.detach(), fake_quantize(w.detach(), 6))
+    y = ste(w, fake(w, 6))
+    assert torch.equal(y.detach(), fake(w.detach(), 6))
     upstream = torch.randn(5, 9)
     (y * upstream).sum().backward()
     assert torch.equal(w.grad, upstream)  # type: ignore[arg-type]
@@ -49,10 +59,10 @@ def test_ste_forward_is_quantized_and_gradient_is_identity() -> None:
 
 def test_module_applies_only_while_the_switch_is_on() -> None:
     w = torch.randn(4, 8)
-    m = FakeQuantWeight(6)
+    m = FakeQuantWeight(absmax(6), SWITCH)
     idx = torch.zeros(1, 2, dtype=torch.long)
     assert m(w, None) is w and m(w, Ctx(idx, ())) is w
-    assert torch.equal(m(w, Ctx(idx, (SWITCH,))), fake_quantize(w, 6))
+    assert torch.equal(m(w, Ctx(idx, (SWITCH,))), fake(w, 6))
 
 
 def test_placed_on_the_selected_linear_kinds_only() -> None:
