@@ -53,6 +53,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pgolf.registry import Params, PgolfError, Technique, hook, register
+from pgolf.registry.run.export import bit_width
 
 MAGIC = b"PGPK"
 VERSION = 1
@@ -74,11 +75,6 @@ class BitpackParams(Params):
     floats: Literal["bytes", "planes"] = Field(
         "bytes", description="float tensors: as they are, or split into byte planes"
     )
-
-
-def bit_width(lo: int, hi: int) -> int:
-    """Bits that hold every value of [lo, hi] as an offset from lo (at least 1)."""
-    return max(1, math.ceil(math.log2(hi - lo + 1)))
 
 
 def pack_bits(v: np.ndarray, bits: int, planes: bool) -> bytes:

@@ -202,7 +202,11 @@ SITES: dict[str, Site] = {
               ("quantize", ("name", "tensor", "info"), "dict of tensors to store", None),
               ("dequantize", ("name", "data", "info"), "the float tensor back", None),
               ("error_bound", ("info", "tensor"),
-               "largest relative RMS error ‖ŵ − w‖/‖w‖ its round trip can give this tensor", None, True)),
+               "largest relative RMS error ‖ŵ − w‖/‖w‖ its round trip can give this tensor", None, True),
+              ("size_allowance", ("info",),
+               "relative extra bytes its stored form of this tensor may take on trained weights over the "
+               "size estimate's surrogate (codes that depend on real calibration data); the estimate "
+               "adds it", None, True)),
         _site("post_quant", "export", CHAIN, "-", "the packed state after quantization (±1 pruning, LQER)",
               ("post_quantize", ("packed", "state", "infos", "quantized", "measure"),
                "packed -> packed; state: the float state the quantizers were given, quantized: their "

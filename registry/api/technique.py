@@ -114,6 +114,10 @@ class Technique:
     ``legality``     tags for evaluation-time behaviour, from :data:`LEGALITY_TAGS`.
     ``gain_at_end``  True when its benefit only shows at the end of training (EMA, QAT, ...):
                      a search scheduler must not stop such a trial before its last report.
+    ``size_estimate_note``  a sentence ``pgolf check`` adds to the size estimate when the
+                     technique takes part in the export, saying how far and which way the
+                     estimate is known to miss for it (e.g. a quantizer whose bytes depend on
+                     the trained weights' scale).
     ``contract_params``  params the generated contract and end-to-end tests use, for
                      techniques whose defaults (sized for the records' 11 × 512 models) do not
                      fit 2–4-layer test models (e.g. a loop over layers 3–5); defaults are still
@@ -132,6 +136,7 @@ class Technique:
     after: ClassVar[tuple[str, ...]] = ()
     legality: ClassVar[tuple[str, ...]] = ()
     gain_at_end: ClassVar[bool] = False
+    size_estimate_note: ClassVar[str] = ""
     contract_params: ClassVar[dict[str, Any]] = {}
     hooks: ClassVar[dict[str, tuple[str, ...]]] = {}  # hook name -> argument names it takes
     origin: ClassVar[str] = ""  # where it was registered from (module or plugin)

@@ -28,6 +28,7 @@ file's size on disk. (The counted code bytes are :mod:`.code`'s.)
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -328,6 +329,27 @@ def verify_export(path: Path, ex: Export, sites: Dispatcher) -> None:
                 f"tensor {name} is stored with relative RMS error {err:.3g}, above the {bound:.3g} "
                 f"its {how} allows"
             )
+
+
+def bit_width(lo: int, hi: int) -> int:
+    """Bits that hold every integer of [lo, hi] as an offset from lo (at least 1)."""
+    return max(1, math.ceil(math.log2(hi - lo + 1)))
+
+
+def stored_bits(data: Any) -> int:
+    """Bits the tensors of a stored entry need before any codec: integer tensors at the width of
+    their value range, float tensors at their element width (nested dicts and lists summed)."""
+    if isinstance(data, Tensor):
+        if not data.numel():
+            return 0
+        if data.is_floating_point():
+            return data.numel() * data.element_size() * 8
+        return data.numel() * bit_width(int(data.min()), int(data.max()))
+    if isinstance(data, Mapping):
+        return sum(stored_bits(v) for v in data.values())
+    if isinstance(data, (list, tuple)):
+        return sum(stored_bits(v) for v in data)
+    return 0
 
 
 def relative_rms_error(approx: Tensor, exact: Tensor) -> float:

@@ -9,10 +9,11 @@ compared with the wall-clock cap.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from rich.console import Console
 from torch import nn
 
 from ..api.config import ResolvedStack, Stack
+from ..api.context import CalibrationData
 from ..api.errors import DataError, PgolfError
 from ..api.roles import Role, format_role_table, param_infos, relabel
-from ..api.sites import Dispatcher
+from ..api.sites import SITES, Dispatcher
 from ..api.technique import Technique
 from ..tools import corpus
 from ..tools.plots import CURVE_FILE, plot_training_curve
@@ -35,9 +37,10 @@ from .evaluate import EvalResult, evaluate
 from .export import (
     ARTIFACT_NAME,
     default_quantizer,
-    export_bytes,
+    export_model,
     load_artifact,
     load_into,
+    stored_bits,
     write_artifact,
 )
 from .model import GPT, attention_kernel, build_model, count_params
@@ -109,11 +112,12 @@ class RunResult:
 
 @dataclass(frozen=True)
 class SizeEstimate:
-    model_bytes: int
+    model_bytes: int  # the surrogate's compressed model + ``allowance``
     code_bytes: int
     margin: int
     limit: int
     seconds: float
+    allowance: int = 0  # bytes added for calibration-dependent codes (part of model_bytes)
     method: str = (
         "the stack's real quantizer and codec applied to the freshly built model with "
         "non-scalar weights replaced by N(0,1) draws (a stand-in for trained weights)"
@@ -233,34 +237,108 @@ def dry_build(rs: ResolvedStack) -> DryBuild:
     return DryBuild(count_params(b.model), b.sites.summary(), states, trainer.reserve, quantizers)
 
 
+SURROGATE_CALIBRATION_TOKENS = 128
+"""Tokens per batch of the size estimate's calibration (random ids; the estimate's forward passes
+run on the CPU, so they are kept short)."""
+
+
 def surrogate_weights_(model: nn.Module, seed: int) -> None:
-    """Replace every non-scalar weight by N(0, 1) draws: trained matrices fill their int8 range
-    the way Gaussian ones do, whereas freshly initialised zero projections would compress to
-    almost nothing and make the size estimate far too small."""
+    """Replace every weight by a stand-in for trained values: non-scalar weights by N(0, 1) draws
+    (trained matrices fill their int8 range the way Gaussian ones do, whereas freshly initialised
+    zero projections would compress to almost nothing and make the size estimate far too small),
+    and control tensors (role ``scalar``, stored as fp32) by their initial values times
+    (1 + 0.1·N(0, 1)) plus 0.01·N(0, 1): trained control values have random low bits, which no codec
+    can shrink, while their constant initial values (ones, zeros) would compress to nothing."""
     gen = torch.Generator().manual_seed(seed)
     infos = param_infos(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if infos[name].role not in (Role.SCALAR, Role.ADAPTER):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
+            role = infos[name].role
+            if role == Role.ADAPTER:
+                continue
+            draw = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if role == Role.SCALAR:
+                jitter = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+                draw = p.detach().float().cpu() * (1 + 0.1 * draw) + 0.01 * jitter
+            p.copy_(draw.to(p.dtype))
+
+
+def surrogate_calibration(b: Built, rs: ResolvedStack) -> None:
+    """The ``calibrate`` event of the export's techniques (GPTQ's Hessians, AWQ-lite's salience)
+    on the surrogate model, with batches of random token ids (1 × min(train_seq_len,
+    SURROGATE_CALIBRATION_TOKENS)), so that the estimate runs their real export path. Training
+    techniques' calibrate hooks are not run (the estimate stands in weights, not training)."""
+    export_hooks = {h.name for s in SITES.values() if s.plan == "export" for h in s.hooks}
+    techs = [t for t in b.sites.implementers("calibrate") if export_hooks & set(t.hooks)]
+    if not techs:
+        return
+    gen = torch.Generator().manual_seed(rs.stack.seed)
+    length = min(rs.stack.train.train_seq_len, SURROGATE_CALIBRATION_TOKENS)
+    vocab = rs.stack.model.vocab_size
+    data = CalibrationData(iter(lambda: torch.randint(0, vocab, (1, length), generator=gen), None))
+    switches = eval_switches(b.sites)
+    b.model.eval()
+    with torch.no_grad():
+        for t in techs:
+            t.call("calibrate", model=b.model, batches=data, switches=switches)
 
 
 def estimate_artifact_bytes(
     rs: ResolvedStack, *, margin: int = 0, model_bytes: int | None = None
 ) -> SizeEstimate:
-    """Artifact size of a stack before any training, with its real export path (CPU, seconds).
-    ``model_bytes``: the compressed model's size when the caller already knows it (an artifact
-    on disk, or an earlier estimate of the same model layout and export settings): then only
-    the counted code is measured (milliseconds)."""
+    """Artifact size of a stack before any training, with its real export path (CPU, seconds):
+    the stack's model with surrogate weights (:func:`surrogate_weights_`), calibrated by the
+    export's techniques on random tokens (:func:`surrogate_calibration`), quantized, packed and
+    compressed as a run would. ``model_bytes``: the compressed model's size when the caller
+    already knows it (an artifact on disk, or an earlier estimate of the same model layout and
+    export settings): then only the counted code is measured (milliseconds)."""
     t0 = time.perf_counter()
+    allowance = 0
+    notes: list[str] = []
     if model_bytes is None:
         b = build(rs, torch.device("cpu"))
         surrogate_weights_(b.model, rs.stack.seed)
-        model_bytes = len(export_bytes(b.model, b.sites, rs.stack.export))
+        surrogate_calibration(b, rs)
+        ex = export_model(b.model, b.sites, rs.stack.export)
+        share = allowance_share(ex.packed, ex.infos, b.sites)
+        allowance = math.ceil(len(ex.blob) * share)
+        model_bytes = len(ex.blob) + allowance
+        if allowance:
+            notes.append(
+                f"includes {allowance:,} bytes ({100 * allowance / len(ex.blob):.1f} %) allowance for codes that "
+                "depend on the trained model's calibration data (the quantizers' size_allowance)"
+            )
+        used = {e["q"] for e in ex.packed["tensors"].values()} | {
+            t.name for t in b.sites.implementers("post_quantize")
+        }
+        notes += [
+            f"{t.name}: {t.size_estimate_note}"
+            for t in b.techniques
+            if t.size_estimate_note and t.name in used
+        ]
     code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
-    return SizeEstimate(
-        model_bytes, code.bytes, margin, rs.stack.export.artifact_limit, time.perf_counter() - t0
-    )
+    est = SizeEstimate(
+        model_bytes, code.bytes, margin, rs.stack.export.artifact_limit, time.perf_counter() - t0,
+        allowance=allowance,
+    )  # fmt: skip
+    return replace(est, method="; ".join([est.method, *notes])) if notes else est
+
+
+def allowance_share(packed: Mapping[str, Any], infos: Mapping[str, Any], sites: Dispatcher) -> float:
+    """The estimate's allowance as a share of the compressed model: Σ a_t·bits_t / Σ bits_t over
+    the stored tensors, a_t the ``size_allowance`` of the quantizer that stored tensor t (0 when
+    it states none) and bits_t the bits its stored form needs before the codec (``stored_bits``).
+    Low-bit codes compress further than wider data, so this overstates their share: the
+    allowance errs high."""
+    by_name = {t.name: t for t in sites.techniques}
+    total = weighted = 0.0
+    for name, entry in packed["tensors"].items():
+        bits = stored_bits(entry["data"])
+        total += bits
+        q = by_name.get(entry["q"])
+        if q is not None and "size_allowance" in q.hooks and name in infos:
+            weighted += bits * float(q.call("size_allowance", info=infos[name]))
+    return weighted / total if total else 0.0
 
 
 def eval_seq_len(stack: Stack) -> int:

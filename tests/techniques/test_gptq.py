@@ -308,3 +308,99 @@ def test_non_finite_weights_are_refused_with_the_tensor_name() -> None:
             w,
             ParamInfo("blocks.0.mlp.fc.weight", Role.MATRIX, Kind.MLP_UP, 0, (4, 8)),
         )
+
+
+def obs_mixed_reference(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    s: torch.Tensor,
+    qmax: int,
+    hi: set[int],
+    s_hi: torch.Tensor,
+    qmax_hi: int,
+) -> torch.Tensor:
+    """The sequential OBS update with AWQ-lite's second grid on the columns in ``hi``."""
+    w, h = w.clone(), h.clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True).tolist()
+    hinv = torch.linalg.inv(h)
+    q = torch.zeros_like(w)
+    for k, j in enumerate(order):
+        sc, qm = (s_hi, qmax_hi) if j in hi else (s, qmax)
+        q[:, j] = torch.clamp(torch.round(w[:, j] / sc), -qm, qm)
+        err = (w[:, j] - q[:, j] * sc) / hinv[j, j]
+        rest = order[k + 1 :]
+        w[:, rest] -= err[:, None] * hinv[j, rest][None, :]
+        hinv = hinv - torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return q
+
+
+def test_awq_lite_columns_are_solved_on_their_own_grid_inside_the_same_gptq_pass() -> None:
+    w, _, h = problem(5)
+    s = sdclip_scales(w, 31, 12.85).double()
+    s_hi = sdclip_scales(w, 127, 12.85).double()
+    hi = [8, 9, 10, 11]
+    got = gptq_codes(w, h, s, 31, block_size=16, hi_cols=torch.tensor(hi), hi_scale=s_hi, hi_qmax=127)
+    assert got is not None
+    ref = obs_mixed_reference(w, h, s, 31, set(hi), s_hi, 127)
+    assert torch.equal(got[0], ref)
+    rest = [j for j in range(40) if j not in hi]
+    assert got[0][:, hi].abs().max() > 2 * got[0][:, rest].abs().max()  # a 4× finer grid there
+
+
+def test_awq_lite_picks_the_most_salient_groups_over_the_whole_model() -> None:
+    from pgolf.techniques.gptq import awq_salience, awq_select
+
+    g = torch.Generator().manual_seed(0)
+    cands = {n: torch.rand(c, generator=g, dtype=torch.float64) for n, c in (("a", 40), ("b", 24), ("c", 16))}
+    cands["b"][8:16] += 5.0  # b's second group is the most salient
+    cands["a"][32:40] += 2.0  # then a's last group
+    picked = awq_select(cands, 8, 2)
+    assert {k: v.tolist() for k, v in picked.items()} == {"b": list(range(8, 16)), "a": list(range(32, 40))}
+    # salience = RMS(x_j) · mean_i |W_ij|, RMS from the Hessian's diagonal and the row count
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    want = [float(x[:, j].square().mean().sqrt() * w[:, j].abs().mean()) for j in range(6)]
+    assert awq_salience(w, x.T @ x, 50).tolist() == pytest.approx(want)
+
+
+def test_awq_lite_calibrated_export_stores_the_salient_columns(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    stack = tiny_stack({"gptq": {"awq_groups": 2, "awq_group_size": 8, "calibration_batches": 4}},
+                       train={"iterations": 2}, export={"passthrough_max_numel": 0})  # fmt: skip
+    b, trainer = tiny_trainer(stack, token_shard(tmp_path))
+    trainer.run()
+    trainer.calibrate()
+    gptq = technique(b, "gptq")
+    assert sum(c.numel() for c in gptq.awq.values()) == 16
+    write_artifact(tmp_path / "m.ptz", b.model, b.sites, stack.stack.export)  # verified read-back
+    packed = export_model(b.model, b.sites, stack.stack.export).packed["tensors"]
+    stored = {n: e["data"]["hi_cols"].tolist() for n, e in packed.items() if "hi_cols" in e["data"]}
+    assert stored == {n: c.tolist() for n, c in gptq.awq.items()}
+    assert {r.awq_columns for r in gptq.report.values()} <= {0, 8, 16}
+    fresh = GPTQ(gptq.params, None)  # type: ignore[arg-type]
+    fresh.load_state_dict(gptq.state_dict())
+    assert {k: v.tolist() for k, v in fresh.awq.items()} == {k: v.tolist() for k, v in gptq.awq.items()}
+
+
+def test_hessian_aware_sdclip_scales_rows_by_their_importance() -> None:
+    w, _, h = problem(6, rows=8, cols=20, n=100)
+    info = ParamInfo("w", Role.MATRIX, Kind.MLP_UP, 0, (8, 20))
+    plain = GPTQ(GPTQParams(), None)  # type: ignore[arg-type]
+    aware = GPTQ(GPTQParams(hessian_clip_lambda=0.175), None)  # type: ignore[arg-type]
+    aware.hessians["w"] = plain.hessians["w"] = h.float()
+    d = h.diagonal().double().clone()
+    d[d == 0] = 1.0
+    d = d + 0.01 * d.mean()
+    col = d / d.mean()
+    rho = (w.abs() * col[None, :]).mean(dim=1)
+    rho = rho / rho.mean()
+    std = w.float().std(dim=1, correction=0).double()
+    want = [
+        float(np.float16(12.85 * float(std[r]) * (1 + 0.175 * (float(rho[r]) - 1)) / 31)) for r in range(8)
+    ]
+    got = aware.quantize("w", w.float(), info)["scale"].float().tolist()
+    assert got == pytest.approx(want, rel=1e-3)
+    assert got != plain.quantize("w", w.float(), info)["scale"].float().tolist()
