@@ -5,10 +5,13 @@ by the chunk of ``chunk_tokens`` target positions that holds their first scored 
 chunk c = 0 … n−1: (1) every window of the chunk is scored with the current weights (no
 gradient) and emitted — the runner records those NLLs; (2) unless c is the last chunk, the model
 trains on the chunk's own tokens (rows of L tokens, ``batch_rows`` rows per step, ``epochs``
-passes) with SGD (``momentum``), learning rate η_c = η0·½(1 + cos(π·c/(n−1))), global gradient
-clipping at ``grad_clip``, the first ``freeze_blocks`` physical blocks frozen. Weights persist
-across chunks. Gradients run through the model's own forward (every technique of the stack is in
-it), and are averaged over ranks.
+passes) with SGD (``momentum``) or AdamW (``optimizer``), learning rate
+η_c = η0·½(1 + cos(π·c/(n−1))), global gradient clipping at ``grad_clip``. The physical blocks
+``blocks`` selects adapt, except the first ``freeze_blocks``; every parameter outside the blocks
+(embedding, head, skip weights) adapts. Weights persist across chunks. Gradients run through the
+model's own forward (every technique of the stack is in it), and are averaged over ranks. The
+scorer asks the future probe to cut inside the second chunk (after the first update) and at the
+chunk boundary.
 
 Why: the validation text is one long stream; adapting to what was just read lowers the loss of
 what follows, and training only on tokens already scored keeps every score causal.
@@ -29,13 +32,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import Field
 from torch import Tensor, nn
 
-from pgolf.registry import Emit, Params, Technique, hook, register
+from pgolf.registry import Emit, Layers, LayerSelector, Params, Technique, hook, register
 from pgolf.registry.run.evaluate import rank_range
 from pgolf.registry.run.runtime import Runtime
 from pgolf.techniques.sliding_window import check_stride, scored_range, sliding_windows, window_starts
@@ -48,6 +52,10 @@ class ScoreFirstTTTParams(Params):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_rows: int = Field(32, ge=1, description="rows of eval.seq_len tokens per SGD step (all ranks)")
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 = none")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="SGD with momentum, or AdamW (β1 = momentum)"
+    )
+    blocks: Layers = Field(LayerSelector.parse("all"), description="physical blocks that adapt")
     freeze_blocks: int = Field(0, ge=0, description="the first N physical blocks stay frozen")
     stride: int = Field(64, ge=1, description="sliding-window stride of the scoring pass")
 
@@ -57,6 +65,61 @@ def chunk_lr(lr: float, chunk: int, n_chunks: int) -> float:
     if n_chunks <= 1:
         return lr
     return lr * 0.5 * (1.0 + math.cos(math.pi * chunk / (n_chunks - 1)))
+
+
+def adapted_parameters(model: nn.Module, blocks: LayerSelector, freeze_blocks: int) -> list[Tensor]:
+    """The trainable parameters test-time training updates: those of the selected physical blocks
+    beyond the first ``freeze_blocks``, and every parameter outside the blocks."""
+    layers = model.blocks  # type: ignore[attr-defined]
+    chosen = set(blocks.resolve(len(layers))) - set(range(freeze_blocks))
+    frozen = {id(q) for i, b in enumerate(layers) if i not in chosen for q in b.parameters()}
+    return [q for q in model.parameters() if q.requires_grad and id(q) not in frozen]
+
+
+def make_optimizer(params: list[Tensor], kind: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """SGD(momentum) or AdamW(β1 = momentum, β2 = 0.999, no weight decay) over ``params``."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def train_rows(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    opt: torch.optim.Optimizer,
+    params: list[Tensor],
+    runtime: Runtime,
+    switches: tuple[str, ...],
+    *,
+    epochs: int,
+    batch_rows: int,
+    grad_clip: float,
+) -> None:
+    """``epochs`` passes over rows (x, y) (R,T), ``batch_rows`` rows per step split across ranks,
+    gradients summed over ranks (each rank's loss weighted by its share of the step's rows), the
+    global norm clipped at ``grad_clip`` (0 = none), through the model's own forward."""
+    rows = x.size(0)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for r0 in range(0, rows, batch_rows):
+                lo, hi = rank_range(min(batch_rows, rows - r0), runtime)
+                xb = x[r0 + lo : r0 + hi].to(runtime.device)
+                yb = y[r0 + lo : r0 + hi].to(runtime.device)
+                opt.zero_grad(set_to_none=True)
+                if xb.numel():
+                    with runtime.autocast():
+                        loss = model(xb, yb, switches=switches)
+                    (loss * (hi - lo) / min(batch_rows, rows - r0)).backward()
+                if runtime.distributed:
+                    for q in params:
+                        if q.grad is None:
+                            q.grad = torch.zeros_like(q)
+                        dist.all_reduce(q.grad, op=dist.ReduceOp.SUM)
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def chunk_windows(
@@ -103,6 +166,13 @@ class ScoreFirstTTT(Technique):
         check_stride(self.name, self.params.stride, seq_len)
         return self._run(model, stream, runtime, seq_len, max(1, batch_tokens // seq_len), switches)
 
+    @hook
+    def probe_points(self, n_targets: int) -> list[int]:
+        """The last position of chunk 0, the first of chunk 1 and the middle of chunk 1 (scored
+        after the model trained on chunk 0)."""
+        c = self.params.chunk_tokens
+        return [k for k in (c - 1, c, c + c // 2) if k < n_targets]
+
     def _run(
         self,
         model: nn.Module,
@@ -116,9 +186,8 @@ class ScoreFirstTTT(Technique):
         n_targets = stream.numel() - 1
         starts = window_starts(n_targets, seq_len, p.stride)
         groups = chunk_windows(starts, n_targets, seq_len, p.stride, p.chunk_tokens)
-        frozen = {id(q) for i, b in enumerate(model.blocks) if i < p.freeze_blocks for q in b.parameters()}  # type: ignore[attr-defined,arg-type]
-        params = [q for q in model.parameters() if q.requires_grad and id(q) not in frozen]
-        opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum)
+        params = adapted_parameters(model, p.blocks, p.freeze_blocks)
+        opt = make_optimizer(params, p.optimizer, p.lr, p.momentum)
         for c, group in enumerate(groups):
             lo, hi = rank_range(len(group), runtime)
             if hi > lo:
@@ -139,37 +208,5 @@ class ScoreFirstTTT(Technique):
             x, y = training_rows(stream, first, min(first + p.chunk_tokens, n_targets), seq_len)
             for group_ in opt.param_groups:
                 group_["lr"] = chunk_lr(p.lr, c, len(groups))
-            self._train(model, x, y, opt, params, runtime, switches)
-
-    def _train(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        opt: torch.optim.Optimizer,
-        params: list[Tensor],
-        runtime: Runtime,
-        switches: tuple[str, ...],
-    ) -> None:
-        p = self.params
-        rows = x.size(0)
-        with torch.enable_grad():
-            for _ in range(p.epochs):
-                for r0 in range(0, rows, p.batch_rows):
-                    lo, hi = rank_range(min(p.batch_rows, rows - r0), runtime)
-                    xb = x[r0 + lo : r0 + hi].to(runtime.device)
-                    yb = y[r0 + lo : r0 + hi].to(runtime.device)
-                    opt.zero_grad(set_to_none=True)
-                    if xb.numel():
-                        with runtime.autocast():
-                            loss = model(xb, yb, switches=switches)
-                        (loss * (hi - lo) / min(p.batch_rows, rows - r0)).backward()
-                    if runtime.distributed:
-                        for q in params:
-                            if q.grad is None:
-                                q.grad = torch.zeros_like(q)
-                            dist.all_reduce(q.grad, op=dist.ReduceOp.SUM)
-                    if p.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
-                    opt.step()
-        opt.zero_grad(set_to_none=True)
+            train_rows(model, x, y, opt, params, runtime, switches,
+                       epochs=p.epochs, batch_rows=p.batch_rows, grad_clip=p.grad_clip)  # fmt: skip

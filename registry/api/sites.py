@@ -226,7 +226,10 @@ SITES: dict[str, Site] = {
         _site("scorer", "eval", SLOT, "non-overlapping windows of eval.seq_len",
               "emits per-position logits in stream order; may change weights only between emits",
               ("score", ("model", "stream", "runtime", "seq_len", "batch_tokens", "switches"),
-               "an iterator of Emit(start, logits (N,V)) covering this rank's positions in order", None)),
+               "an iterator of Emit(start, logits (N,V)) covering this rank's positions in order", None),
+              ("probe_points", ("n_targets", "seq_len", "stream"),
+               "target positions where the future probe should also cut the stream (e.g. inside a "
+               "chunk the scorer trains on); list of ints", None, True)),
         _site("logprobs", "eval", CHAIN, "-",
               "normalised log-probabilities (N,V) of emitted positions before the NLL is taken; observe "
               "is called by the runner only after those positions' NLL is recorded (score-first)",

@@ -11,12 +11,16 @@ splits each contiguous chunk of the stream between ranks exactly like the baseli
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import functools
 import os
 import queue
 import secrets
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -387,3 +391,85 @@ class PrefetchingLoader:
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+# --------------------------------------------------------------------------------------------
+# which data files the process opens (the data probe)
+# --------------------------------------------------------------------------------------------
+
+VAL_PATTERN = "fineweb_val_*.bin"
+
+
+@dataclass
+class FileWatch:
+    """The shard files (``*.bin``) opened while the watch is active, with where the run was then.
+
+    Every Python-level open in the process is seen (the ``open`` audit event, raised by ``open``,
+    ``io.open``, ``os.open``, ``np.fromfile``, ``np.memmap``, ``torch.load`` …), whoever opens the
+    file: the data layer, a technique or a library it calls. Files opened by native code that
+    bypasses Python (a C extension's own ``fopen``) are not seen.
+
+    ``validation``: the real paths of the validation shards; a file whose name matches
+    :data:`VAL_PATTERN` counts as validation wherever it lies. ``where()`` describes the moment
+    of an open of a validation file (e.g. ``"train step 12"``).
+    """
+
+    validation: frozenset[str]
+    where: Callable[[], str] = lambda: ""
+    phase: str = ""
+    shards: dict[str, str] = field(default_factory=dict)  # path -> where it was first opened
+    validation_opened: dict[str, str] = field(default_factory=dict)
+    active: bool = True
+
+    def stop(self) -> None:
+        """Stop recording (what was recorded is kept)."""
+        self.active = False
+
+    def saw(self, path: str) -> None:
+        if not self.active or not path.endswith(".bin"):
+            return
+        full = os.path.abspath(path)
+        if full in self.shards:
+            return
+        is_val = (
+            fnmatch.fnmatch(os.path.basename(full), VAL_PATTERN) or os.path.realpath(full) in self.validation
+        )
+        here = self.phase
+        if is_val:
+            with contextlib.suppress(Exception):  # a description must never break the open itself
+                extra = self.where()
+                here = f"{here}, {extra}" if here and extra else (extra or here)
+            self.validation_opened[full] = here
+        self.shards[full] = here
+
+
+_WATCHES: list[FileWatch] = []
+_HOOKED = False
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event != "open" or not _WATCHES or not args:
+        return
+    path = args[0]
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    elif isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if isinstance(path, str):
+        for w in _WATCHES:
+            w.saw(path)
+
+
+@contextlib.contextmanager
+def watch_opens(validation: Sequence[Path], where: Callable[[], str] = lambda: "") -> Iterator[FileWatch]:
+    """Record the shard files the process opens inside the ``with`` block (see :class:`FileWatch`)."""
+    global _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_audit)  # process-wide and permanent: it does nothing while no watch is active
+        _HOOKED = True
+    w = FileWatch(frozenset(os.path.realpath(p) for p in validation), where)
+    _WATCHES.append(w)
+    try:
+        yield w
+    finally:
+        _WATCHES.remove(w)

@@ -8,6 +8,7 @@ compared with the wall-clock cap.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -30,10 +31,10 @@ from ..api.technique import Technique
 from ..tools import corpus
 from ..tools.plots import CURVE_FILE, plot_training_curve
 from ..tools.progress import LiveProgress, RunLog, Ticker, slowdown_hint
-from . import bpb, checkpoint, data
+from . import bpb, checkpoint, data, legality
 from .code import code_bytes
 from .dataset import check_dataset
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, Violation, evaluate
 from .export import (
     ARTIFACT_NAME,
     default_quantizer,
@@ -44,6 +45,7 @@ from .export import (
     write_artifact,
 )
 from .model import GPT, attention_kernel, build_model, count_params
+from .provenance import Provenance, check_overlap, provenance
 from .record import check_result, write_json, write_manifest, write_stack
 from .runtime import DistEnv, Runtime, make_runtime, pin_runtime, seed_everything, shutdown, versions
 from .train import Trainer, grad_accum_steps
@@ -57,12 +59,22 @@ class DataSource:
     val: list[Path]
     tokenizer: Path
     description: str
+    provenance: Provenance | None = None  # fingerprint and train/validation overlap, once checked
 
     def validation(self, vocab_size: int) -> tuple[torch.Tensor, bpb.ByteLUT]:
         """The whole validation stream and the byte table that scores it."""
         return data.load_tokens(self.val, vocab_size), bpb.build_byte_lut(
             bpb.load_tokenizer(self.tokenizer), vocab_size
         )
+
+    def check_provenance(self) -> Provenance:
+        """Fingerprint the shards and refuse validation documents that are training documents
+        (:class:`DataError` naming how many); remembered on this source."""
+        if self.provenance is None:
+            bos = int(bpb.load_tokenizer(self.tokenizer).bos_id())
+            self.provenance = provenance(self.train, self.val, bos)
+        check_overlap(self.provenance.overlap, Path(self.val[0]).parent)
+        return self.provenance
 
 
 @dataclass
@@ -105,6 +117,10 @@ class RunResult:
     training_side_seconds: float = 0.0  # train + finalize + calibration + export
     over_time: bool = False  # the training side exceeded train.max_wallclock_seconds
     switches: list[str] = field(default_factory=list)  # switches on at the end of training
+    legal: bool | None = None  # every legality probe passed (registry/run/legality.py)
+    legal_reasons: list[str] = field(default_factory=list)  # why not, one line per failed probe
+    legality: dict[str, Any] = field(default_factory=dict)  # each probe's verdict and figures
+    dataset: dict[str, Any] = field(default_factory=dict)  # the data's fingerprint (provenance.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,8 +166,9 @@ class OverLimitError(PgolfError):
         )
 
 
-def prepare_data(stack: Stack) -> DataSource:
-    """Locate and check every shard and the tokenizer (raises before anything is written)."""
+def prepare_data(stack: Stack, *, check_provenance: bool = True) -> DataSource:
+    """Locate and check every shard and the tokenizer, and (``check_provenance``) that no
+    validation document is a training document (raises before anything is written)."""
     d = stack.data
     if d.path is None:
         cache = Path(d.cache_dir).expanduser() if d.cache_dir else corpus.DEFAULT_CACHE_DIR
@@ -169,7 +186,10 @@ def prepare_data(stack: Stack) -> DataSource:
     train = data.find_shards(folder, "train", limit=d.train_shards)
     val = data.find_shards(folder, "val")
     check_dataset(folder, train, val, tok, stack.model.vocab_size, all_train=d.train_shards is None)
-    return DataSource(train, val, tok, desc)
+    source = DataSource(train, val, tok, desc)
+    if check_provenance:
+        source.check_provenance()
+    return source
 
 
 @dataclass
@@ -372,6 +392,78 @@ def score_artifact(
     )
 
 
+def artifact_builds(rs: ResolvedStack, artifact: Path, runtime: Runtime, seed: int) -> Callable[[], Built]:
+    """A factory of fresh builds of the stack holding the artifact's weights: the artifact is read
+    from disk once into a build made right after ``seed_everything(seed)``, which is never used
+    itself; each call returns a deep copy of it (new technique instances and modules, so scorers
+    and transforms start afresh, in milliseconds), or a new build where a copy cannot be made."""
+    seed_everything(seed)
+    pristine = build(rs, runtime.device, runtime.attention)
+    state = load_artifact(artifact, pristine.sites, param_infos(pristine.model))
+    load_into(pristine.model, state)
+
+    def fresh() -> Built:
+        try:
+            return copy.deepcopy(pristine)
+        except Exception:  # a technique holding something that cannot be copied: build anew
+            seed_everything(seed)
+            b = build(rs, runtime.device, runtime.attention)
+            load_into(b.model, state)
+            return b
+
+    return fresh
+
+
+def probe_artifact(
+    rs: ResolvedStack,
+    artifact: Path,
+    runtime: Runtime,
+    stream: torch.Tensor,
+    eval_violations: list[Violation] | None = None,
+) -> list[legality.ProbeResult]:
+    """The future and normalisation probes of a stack's evaluation on its artifact, in one
+    process on ``runtime``'s device (:mod:`.legality`)."""
+    single = legality.single_process(runtime)
+    seq_len = eval_seq_len(rs.stack)
+    sites = Dispatcher([r.instantiate(rs.spec) for r in rs.techniques])
+    scorer = sites.filler("scorer")
+    suggested: list[int] = []
+    if scorer is not None and "probe_points" in scorer.hooks:
+        got = scorer.call(
+            "probe_points", n_targets=stream.numel() - 1, seq_len=seq_len, stream=stream.to(torch.int64)
+        )
+        suggested = [int(k) for k in got]
+    future, norm = legality.future_and_normalisation(
+        artifact_builds(rs, artifact, single, rs.stack.seed), stream, single, seq_len=seq_len,
+        batch_tokens=rs.stack.eval.batch_tokens, switches=eval_switches(sites),
+        vocab_size=rs.stack.model.vocab_size, seed=rs.stack.seed, suggested=suggested,
+        eval_violations=eval_violations,
+    )  # fmt: skip
+    return [future, norm]
+
+
+def check_legality(
+    rs: ResolvedStack,
+    artifact: Path,
+    runtime: Runtime,
+    stream: torch.Tensor,
+    final: EvalResult,
+    watch: data.FileWatch | None,
+    prov: Provenance | None,
+) -> legality.Legality:
+    """Every probe of a finished run (the artifact probes on the first process only)."""
+    t0 = time.perf_counter()
+    probes = [
+        legality.tags_probe(r.cls for r in rs.techniques),
+        legality.data_probe(watch),
+        legality.provenance_probe(prov),
+    ]
+    if runtime.is_main:
+        probes += probe_artifact(rs, artifact, runtime, stream, final.violations)
+    runtime.barrier()
+    return legality.assess(probes, time.perf_counter() - t0)
+
+
 def training_loader(
     sites: Dispatcher, source: DataSource, runtime: Runtime, seed: int, vocab_size: int
 ) -> Any:
@@ -414,11 +506,18 @@ def run(
     Checkpoints go into ``out_dir`` every ``train.checkpoint_minutes`` and are removed at the
     end; ``resume`` continues from the one there (:mod:`.checkpoint`)."""
     stack = rs.stack
-    source = source or prepare_data(stack)
+    main = env is None or env.rank == 0
+    source = source or prepare_data(stack, check_provenance=main)
+    if main:
+        source.check_provenance()  # refuses overlapping train/validation documents before training
     runtime = make_runtime(stack.train, env)
     rs = pin_runtime(rs, runtime)  # the stack.yaml it writes reruns with the same settings
     try:
-        return _run(rs, out_dir, runtime, source, report, console, estimate, allow_over_limit, resume)
+        validation = source.validation(stack.model.vocab_size)  # read before the data watch starts
+        # every shard opened from here until the artifact is on disk is recorded (the data probe)
+        with data.watch_opens(source.val) as watch:
+            return _run(rs, out_dir, runtime, source, report, console, estimate, allow_over_limit,
+                        validation, watch, resume)  # fmt: skip
     finally:
         shutdown(runtime)
 
@@ -431,7 +530,9 @@ def _run(
     report: Reporter | None,
     console: Console | None,
     estimate: bool,
-    allow_over_limit: bool = False,
+    allow_over_limit: bool,
+    validation: tuple[torch.Tensor, bpb.ByteLUT],
+    watch: data.FileWatch,
     resume: bool = False,
 ) -> RunResult:
     stack = rs.stack
@@ -440,12 +541,14 @@ def _run(
     log = RunLog(out_dir / "run.log" if main else None, console if main else None)
     saved = checkpoint.load_for(out_dir, runtime.rank, runtime.world_size) if resume else None
     est = None
+    watch.phase = "size estimate"
     if estimate and main and saved is None:
         with Ticker(console, "estimating the artifact size with the stack's export path"):
             est = estimate_artifact_bytes(rs)
     if runtime.any_rank(est is not None and not est.fits) and not allow_over_limit:
         raise OverLimitError(est)
     seed_everything(stack.seed)
+    watch.phase = "model build"
     b = build(rs, runtime.device, runtime.attention)
     model = b.model
     for t in b.techniques:
@@ -473,9 +576,10 @@ def _run(
             f"of {est.limit:,}{'' if est.fits else '  — over the limit'}"
         )
 
-    val_tokens, lut = source.validation(stack.model.vocab_size)
+    val_tokens, lut = validation
     loader = training_loader(b.sites, source, runtime, stack.seed, stack.model.vocab_size)
     trainer = Trainer(model, b.sites, stack, runtime, loader)
+    watch.phase, watch.where = "training", lambda: f"step {trainer.state.step}"
 
     def score(m: nn.Module, switches: tuple[str, ...]) -> EvalResult:
         return evaluate(
@@ -520,8 +624,10 @@ def _run(
         f"{tres.tokens_per_second:,.0f} tokens/s, final train loss {tres.final_train_loss:.4f}"
     )
     phases: dict[str, float] = {"train": tres.train_seconds}
+    watch.phase = "finalize"
     with Phase(phases, "finalize", runtime):
         trainer.finalize()
+    watch.phase = "calibration"
     with Phase(phases, "calibration", runtime):
         n_cal = trainer.calibrate()
     if n_cal:
@@ -532,16 +638,21 @@ def _run(
         log(f"pre-export: val_loss {pre.val_loss:.4f} val_bpb {pre.val_bpb:.4f}")
 
     artifact = out_dir / ARTIFACT_NAME
+    watch.phase, watch.where = "export", lambda: ""
     with Phase(phases, "export", runtime):
         if main:
             with Ticker(console, "exporting the artifact (quantize, pack, compress, verify)"):
                 write_artifact(artifact, model, b.sites, stack.export)
+        watch.stop()  # the training side ends with the artifact on disk
+        if main:
             write_manifest(out_dir, rs, code, artifact, source.tokenizer, source.val)
         runtime.barrier()
     model_bytes = artifact.stat().st_size
     scoring = f"scoring the reloaded artifact on {val_tokens.numel() - 1:,} tokens"
     with Phase(phases, "evaluation", runtime), Ticker(console if main else None, scoring):
         final = score_artifact(rs, artifact, runtime, source, validation=(val_tokens, lut))
+    with Ticker(console if main else None, "legality probes (future, normalisation, data, provenance)"):
+        legal = check_legality(rs, artifact, runtime, val_tokens, final, watch, source.provenance)
     training_side = sum(phases[k] for k in ("train", "finalize", "calibration", "export"))
     cap = stack.train.max_wallclock_seconds
     over = cap > 0 and training_side > cap
@@ -588,6 +699,10 @@ def _run(
         training_side_seconds=round(training_side, 3),
         over_time=over,
         switches=list(tres.switches),
+        legal=legal.legal,
+        legal_reasons=legal.reasons,
+        legality=legal.to_dict(),
+        dataset=source.provenance.fingerprint if source.provenance is not None else {},
     )
     check_result(result.to_dict())  # a non-finite or empty score is a failed run, never a result
     log(
@@ -599,6 +714,7 @@ def _run(
         f"artifact: {model_bytes:,} model + {code.bytes:,} code = {total:,} bytes "
         f"({'fits' if result.fits else 'DOES NOT FIT'} the {result.artifact_limit:,} limit)"
     )
+    log(f"legality ({legal.seconds:.1f}s, apart from the evaluation): {legal.summary()}")
     if main:
         write_json(out_dir / "result.json", result.to_dict())
         plot_training_curve(

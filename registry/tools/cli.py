@@ -207,6 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"artifact {result.artifact_bytes:,} bytes ({'fits' if result.fits else 'does NOT fit'})"
             f"  → {out}/result.json"
         )
+        if result.legal is False:
+            console.print(f"[bold red]NOT LEGAL[/bold red]: {escape('; '.join(result.legal_reasons))}")
     return 0
 
 
@@ -679,9 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text-key", default="text", help="field of each .jsonl record holding the text")
     b.set_defaults(func=cmd_data_build)
 
+    from .audit import add_command as add_audit
     from .bench import add_command as add_bench
 
     add_bench(sub)
+    add_audit(sub)
     try:
         from pgolf.search.cli import add_commands
     except ImportError:  # the search harness is optional on GPU boxes without ray/optuna

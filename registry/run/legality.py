@@ -1,0 +1,409 @@
+"""Legality probes: is a run's score one the challenge would accept? Checked, not declared.
+
+The challenge's conditions (README FAQ; Issue #1017): a position's distribution depends only on
+the tokens before it (1), is normalised over the whole vocabulary (2), is fixed before any update
+that learns from its token (3); every token is scored once (4, enforced by the runner); no
+validation data during training; the validation documents are not training documents. Each
+probe checks one of them on the run itself, with the stack's own scorer, logprobs chain and
+reloaded artifact, and names the position where it fails:
+
+* **future** — for several cut points k (spread over the first ``min(65,536, N/40)`` targets, plus
+  any the scorer names with ``probe_points``, e.g. inside a test-time-training chunk), every token
+  after position k's context (``stream[k+1:]``, k's own target included) is replaced, the stream is
+  scored again up to k, and nothing may move: the NLL of every position < k (same targets) within
+  :data:`FUTURE_TOLERANCE` nats, and position k's whole distribution within a total variation of
+  :data:`FUTURE_TOLERANCE`. A transform or scorer that reads the token it predicts, or a later one,
+  moves them.
+* **normalisation** — every distribution of the run's evaluation passed the runner's check
+  (|log Σp| ≤ 1e-3 at every position), and at :data:`NORMALISATION_SAMPLES` sampled positions the
+  distribution sums to 1 within :data:`NORMALISATION_TOLERANCE` over the whole vocabulary (float64).
+* **data** — no validation shard was opened between the size estimate and the artifact on disk
+  (model build, training, finalize, calibration, export), by the files the process actually
+  opened (:func:`pgolf.registry.run.data.watch_opens`).
+* **provenance** — the validation documents are not training documents (document hashes,
+  :mod:`.provenance`); the dataset's fingerprint is recorded with the result.
+* **tags** — no technique of the stack is tagged ``illegal`` or ``needs_review``.
+
+A run is legal when every probe passes. The probes run after the score, on the first process only,
+and are timed apart from the evaluation (``legality.seconds``); their cost is measured by
+``bench/legality_probes.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..api.technique import Technique
+from .data import FileWatch
+from .evaluate import Violation, scored_stream
+from .provenance import MAX_OVERLAP_SHARE, Provenance
+from .runtime import Runtime, seed_everything
+
+FUTURE_TOLERANCE = 1e-4
+"""Largest change (nats; total variation at the cut) the future probe accepts (float noise)."""
+NORMALISATION_TOLERANCE = 1e-4
+"""Largest |Σp − 1| the normalisation probe accepts at a sampled position."""
+NORMALISATION_SAMPLES = 64
+PROBE_MAX_TOKENS = 65_536
+"""The future probe's cuts lie in the first min(PROBE_MAX_TOKENS, N / PROBE_SHARE) targets."""
+PROBE_SHARE = 100
+FUTURE_CUTS = 3
+SUGGESTION_SPANS = 4
+PROBE_BATCH_WINDOWS = 8
+"""Most windows per forward in the probes' passes (a pass stops after the emit holding its cut)."""
+NOISE_CHECK_BELOW = 0.05
+"""A change this small is compared with the run-to-run noise of the unchanged stream (GPU kernels
+such as flash attention's backward are not bitwise deterministic, which test-time training
+amplifies): it is a violation only if it is more than :data:`NOISE_FACTOR` times that noise."""
+NOISE_FACTOR = 4.0
+PROBES = ("future", "normalisation", "data", "provenance", "tags")
+
+
+@dataclass
+class ProbeResult:
+    """One probe's verdict: ``passed`` None when it could not run (the run is then not legal)."""
+
+    probe: str
+    passed: bool | None
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "message": self.message, **self.details}
+
+
+@dataclass
+class Legality:
+    """All probes of a run; ``reasons`` lists why it is not legal (empty when it is)."""
+
+    probes: list[ProbeResult]
+    seconds: float = 0.0
+
+    @property
+    def reasons(self) -> list[str]:
+        return [p.message for p in self.probes if p.passed is not True]
+
+    @property
+    def legal(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "legal": self.legal,
+            "reasons": self.reasons,
+            "seconds": round(self.seconds, 3),
+            "probes": {p.probe: p.to_dict() for p in self.probes},
+        }
+
+    def summary(self) -> str:
+        if self.legal:
+            return "legal: " + "; ".join(f"{p.probe} ok" for p in self.probes)
+        return "NOT LEGAL: " + " | ".join(self.reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# tags, data, provenance
+# --------------------------------------------------------------------------------------------
+
+
+def tags_probe(techniques: Iterable[Technique | type[Technique]]) -> ProbeResult:
+    """Fails for a technique tagged ``illegal`` or ``needs_review`` (named with its tag)."""
+    bad = [(t.name, tag) for t in techniques for tag in t.legality if tag in ("illegal", "needs_review")]
+    if not bad:
+        return ProbeResult("tags", True, "no technique is tagged illegal or needs_review")
+    why = {"illegal": "a known-invalid method, kept to show that the probes catch it",
+           "needs_review": "its legality is not settled"}  # fmt: skip
+    msg = "; ".join(f"technique {n!r} is tagged {tag} ({why[tag]})" for n, tag in bad)
+    return ProbeResult("tags", False, f"tags: {msg}", {"tagged": {n: tag for n, tag in bad}})
+
+
+def data_probe(watch: FileWatch | Mapping[str, Any] | None) -> ProbeResult:
+    """Fails if a validation shard was opened during training (a watch, or its recorded dict)."""
+    if watch is None:
+        return ProbeResult("data", None, "data probe: the files opened during training were not recorded")
+    if isinstance(watch, FileWatch):
+        opened = dict(watch.validation_opened)
+        shards = len(watch.shards)
+    else:
+        opened = {str(d["file"]): str(d.get("where", "")) for d in watch.get("validation_opened", [])}
+        shards = int(watch.get("shards_opened", 0))
+    details = {
+        "shards_opened": shards,
+        "validation_opened": [{"file": f, "where": w} for f, w in opened.items()],
+    }
+    if not opened:
+        return ProbeResult(
+            "data",
+            True,
+            f"no validation shard was opened during training ({shards} shard file(s) opened)",
+            details,
+        )
+    f, w = next(iter(opened.items()))
+    more = f" and {len(opened) - 1} more" if len(opened) > 1 else ""
+    return ProbeResult(
+        "data",
+        False,
+        f"data probe: validation shard {f.rsplit('/', 1)[-1]} was opened during training "
+        f"(at {w or 'an unknown point'}){more}: training must not read validation data",
+        details,
+    )
+
+
+def provenance_probe(prov: Provenance | None) -> ProbeResult:
+    """Fails if the validation documents overlap the training documents beyond natural duplicates."""
+    if prov is None:
+        return ProbeResult("provenance", None, "provenance: the data's documents were not checked")
+    ov = prov.overlap
+    details = {**dataclasses.asdict(ov), "share": ov.share, "max_share": MAX_OVERLAP_SHARE,
+               "seconds": round(prov.seconds, 3)}  # fmt: skip
+    if ov.acceptable:
+        return ProbeResult("provenance", True, ov.describe(), details)
+    return ProbeResult("provenance", False, f"provenance: {ov.describe()}", details)
+
+
+# --------------------------------------------------------------------------------------------
+# future and normalisation: passes of the stack's own scorer over a changed stream
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pass:
+    nll: Tensor  # (until + 1,) float64: positions 0..until
+    rows: dict[int, Tensor]  # position -> evaluated log-distribution (V,) float64
+    violations: list[Violation]
+
+
+Fresh = Callable[[], Any]
+"""Returns a fresh build (``.model``, ``.sites``) holding the artifact's weights, made right after
+``seed_everything(seed)`` so every pass starts from the same state."""
+
+
+def scoring_pass(
+    fresh: Fresh,
+    stream: Tensor,
+    runtime: Runtime,
+    *,
+    seq_len: int,
+    batch_tokens: int,
+    switches: tuple[str, ...],
+    until: int,
+    keep: Iterable[int],
+    seed: int,
+) -> Pass:
+    """Score ``stream`` with a fresh build until position ``until`` has been scored; the random
+    state is reset to ``seed`` before scoring, so every pass draws the same numbers."""
+    b = fresh()
+    seed_everything(seed)
+    nll = torch.full((until + 1,), math.nan, dtype=torch.float64)
+    wanted = sorted(set(keep))
+    rows: dict[int, Tensor] = {}
+    violations: list[Violation] = []
+    for sc in scored_stream(b.model, stream, runtime, seq_len=seq_len, batch_tokens=batch_tokens,
+                            sites=b.sites, switches=switches, violations=violations):  # fmt: skip
+        n = sc.nll.numel()
+        hi = min(sc.start + n, until + 1)
+        if hi > sc.start:
+            nll[sc.start : hi] = sc.nll[: hi - sc.start].double().cpu()
+        here = [p for p in wanted if sc.start <= p < sc.start + n]
+        if here:
+            r = sc.rows()
+            for p in here:
+                rows[p] = r[p - sc.start].double().cpu()
+        if sc.start + n > until:
+            break
+    return Pass(nll, rows, violations)
+
+
+def probe_span(n_targets: int) -> int:
+    """The targets the spread cuts lie in: min(:data:`PROBE_MAX_TOKENS`, N / :data:`PROBE_SHARE`)."""
+    return max(2, min(PROBE_MAX_TOKENS, n_targets // PROBE_SHARE))
+
+
+def cut_points(n_targets: int, suggested: Sequence[int], seed: int, span: int | None = None) -> list[int]:
+    """Positions k of the future probe: :data:`FUTURE_CUTS` spread over the first
+    span = min(:data:`PROBE_MAX_TOKENS`, N / :data:`PROBE_SHARE`) targets, with a seeded jitter so
+    they do not all sit on window edges, plus the scorer's own suggestions below
+    :data:`SUGGESTION_SPANS` spans (a suggestion further on would cost more than it tells)."""
+    if n_targets < 1:
+        return []
+    span = span or probe_span(n_targets)
+    rng = np.random.default_rng(seed)
+    jitter = max(1, span // (4 * FUTURE_CUTS))
+    cuts = {
+        max(0, span * j // FUTURE_CUTS - 1 - int(rng.integers(0, jitter))) for j in range(1, FUTURE_CUTS + 1)
+    }
+    cuts |= {int(k) for k in suggested if int(k) < SUGGESTION_SPANS * span}
+    return sorted(k for k in cuts if 0 <= k < n_targets)
+
+
+def perturb_after(stream: Tensor, k: int, vocab_size: int, seed: int) -> Tensor:
+    """``stream`` with every token after index k changed (to another id), the first k + 1 kept."""
+    out = stream.clone()
+    n = out.numel() - (k + 1)
+    if n > 0:
+        g = torch.Generator().manual_seed(seed + k)
+        shift = torch.randint(1, vocab_size, (n,), generator=g, dtype=out.dtype)
+        out[k + 1 :] = (out[k + 1 :] + shift) % vocab_size
+    return out
+
+
+def total_variation(a: Tensor, b: Tensor) -> float:
+    """½ Σ |p − q| of two log-distributions."""
+    return float(0.5 * (a.exp() - b.exp()).abs().sum())
+
+
+def future_and_normalisation(
+    fresh: Fresh,
+    stream: Tensor,
+    runtime: Runtime,
+    *,
+    seq_len: int,
+    batch_tokens: int,
+    switches: tuple[str, ...],
+    vocab_size: int,
+    seed: int,
+    suggested: Sequence[int] = (),
+    eval_violations: Sequence[Violation] | None = None,
+    span: int | None = None,
+) -> tuple[ProbeResult, ProbeResult]:
+    """The future and normalisation probes (see the module docstring). ``fresh`` builds the
+    stack's model with the artifact's weights; ``runtime`` must be a single-process runtime;
+    ``eval_violations``: what the runner found in the run's full evaluation (None: not run here);
+    ``span`` overrides :func:`probe_span` (tests)."""
+    stream = stream.to(torch.int64).cpu()
+    n_targets = stream.numel() - 1
+    cuts = cut_points(n_targets, suggested, seed, span)
+    if not cuts:
+        skipped = ProbeResult("future", None, "future probe: the stream is too short to cut")
+        return skipped, ProbeResult("normalisation", None, "normalisation probe: nothing was scored")
+    until = max(cuts)
+    rng = np.random.default_rng(seed + 1)
+    samples = sorted({int(p) for p in rng.integers(0, until + 1, NORMALISATION_SAMPLES)})
+    # a pass stops after the emit that holds its cut: batches about as long as the first cut
+    windows = max(1, min(PROBE_BATCH_WINDOWS, batch_tokens // seq_len, -(-(min(cuts) + 1) // seq_len)))
+    small = windows * seq_len
+    kw = {"seq_len": seq_len, "batch_tokens": small, "switches": switches, "seed": seed}
+    t0 = time.perf_counter()
+    base = scoring_pass(fresh, stream, runtime, until=until, keep=[*cuts, *samples], **kw)  # type: ignore[arg-type]
+    future = _future(fresh, stream, runtime, base, cuts, vocab_size, seed, kw)
+    future.details["positions_scored"] += until + 1
+    future.details["seconds"] = round(time.perf_counter() - t0, 3)
+    norm = _normalisation(base, samples, [*(eval_violations or ()), *base.violations], vocab_size,
+                          eval_violations is not None)  # fmt: skip
+    return future, norm
+
+
+def _future(
+    fresh: Fresh, stream: Tensor, runtime: Runtime, base: Pass, cuts: list[int], vocab_size: int,
+    seed: int, kw: Mapping[str, Any],
+) -> ProbeResult:  # fmt: skip
+    details: dict[str, Any] = {"cuts": cuts, "tolerance": FUTURE_TOLERANCE, "positions_scored": 0}
+    for k in cuts:
+        changed = perturb_after(stream, k, vocab_size, seed)
+        got = scoring_pass(fresh, changed, runtime, until=k, keep=[k], **kw)
+        details["positions_scored"] += k + 1
+        p, change = _moved(got, base, k)
+        if p is not None and change < NOISE_CHECK_BELOW:
+            again = scoring_pass(fresh, stream, runtime, until=k, keep=[k], **kw)  # the same stream
+            details["positions_scored"] += k + 1
+            noise = max(_moved(again, base, k, 0.0)[1], 0.0)
+            details["noise"] = max(details.get("noise", 0.0), noise)
+            if change <= NOISE_FACTOR * noise:
+                continue
+        if p is None:
+            continue
+        if p < k:
+            return ProbeResult(
+                "future",
+                False,
+                f"future probe: changing the tokens after position {k} (from token {k + 1} on) changed "
+                f"the score of position {p} by {change:.3g} nats (tolerance {FUTURE_TOLERANCE:g}): a "
+                "score depends on tokens after the position it predicts",
+                {**details, "cut": k, "position": p, "change": change},
+            )
+        return ProbeResult(
+            "future",
+            False,
+            f"future probe: changing the tokens after position {k} changed the distribution at "
+            f"position {k} itself (total variation {change:.3g}): its scoring read the token it "
+            "predicts (or a later one)",
+            {**details, "cut": k, "position": k, "change": change},
+        )
+    return ProbeResult(
+        "future",
+        True,
+        f"future probe: no score at or before cuts {', '.join(map(str, cuts))} moved when the "
+        "tokens after them changed",
+        details,
+    )
+
+
+def _moved(got: Pass, base: Pass, k: int, tolerance: float = FUTURE_TOLERANCE) -> tuple[int | None, float]:
+    """(first position ≤ k that moved by more than ``tolerance``, its change) between two passes:
+    NLL in nats before k, total variation at k; (None, largest change) when none did."""
+    diff = (got.nll[:k] - base.nll[:k]).abs()
+    bad = torch.nonzero(~(diff <= tolerance)).flatten()
+    if bad.numel():
+        return int(bad[0]), float(diff[int(bad[0])])
+    tv = total_variation(got.rows[k], base.rows[k])
+    if not tv <= tolerance:
+        return k, tv
+    return None, max(float(diff.max()) if diff.numel() else 0.0, tv)
+
+
+def _normalisation(
+    base: Pass, samples: list[int], violations: Sequence[Violation], vocab_size: int, full: bool
+) -> ProbeResult:
+    details: dict[str, Any] = {"sampled_positions": len(samples), "tolerance": NORMALISATION_TOLERANCE}
+    if violations:
+        v = min(violations, key=lambda v: (v.position < 0, v.position))
+        return ProbeResult(
+            "normalisation",
+            False,
+            f"normalisation probe: {v.message.removeprefix('normalisation: ')}",
+            {**details, "position": v.position, "technique": v.technique},
+        )
+    worst = 0.0
+    for p in samples:
+        row = base.rows[p]
+        total = float(torch.logsumexp(row, dim=0).exp())
+        err = abs(total - 1.0) if math.isfinite(total) and row.numel() == vocab_size else math.inf
+        if not err <= NORMALISATION_TOLERANCE:
+            return ProbeResult(
+                "normalisation",
+                False,
+                f"normalisation probe: the distribution at position {p} sums to "
+                f"{total:.6g} over its {row.numel()} entries (vocabulary {vocab_size}), not 1 within "
+                f"{NORMALISATION_TOLERANCE:g}",
+                {**details, "position": p, "sum": total if math.isfinite(total) else None},
+            )
+        worst = max(worst, err)
+    details["largest_error"] = worst
+    return ProbeResult(
+        "normalisation",
+        True,
+        f"normalisation probe: {len(samples)} sampled distributions sum to 1 within "
+        f"{NORMALISATION_TOLERANCE:g} (largest error {worst:.1e})"
+        + ("; every distribution of the evaluation passed the runner's check" if full else ""),
+        details,
+    )
+
+
+def single_process(runtime: Runtime) -> Runtime:
+    """The same device and precision as one process (the probes run on the first rank only)."""
+    return dataclasses.replace(runtime, rank=0, world_size=1, local_rank=runtime.local_rank)
+
+
+def assess(probes: Sequence[ProbeResult], seconds: float = 0.0) -> Legality:
+    """The run's legality from its probes (in :data:`PROBES` order)."""
+    order = {name: i for i, name in enumerate(PROBES)}
+    return Legality(sorted(probes, key=lambda p: order.get(p.probe, len(order))), seconds)

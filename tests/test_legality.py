@@ -1,0 +1,331 @@
+"""Legality probes: each passes for causal, normalised evaluation and fails, naming the probe and
+the position, for the known-invalid variants (and for hand-made cheats of each kind)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_build
+
+from pgolf.registry import Dispatcher, Emit, Technique, hook
+from pgolf.registry.api.technique import Registry
+from pgolf.registry.run import data
+from pgolf.registry.run.bpb import ByteLUT
+from pgolf.registry.run.evaluate import evaluate, scored_stream
+from pgolf.registry.run.legality import (
+    cut_points,
+    data_probe,
+    future_and_normalisation,
+    perturb_after,
+    provenance_probe,
+    tags_probe,
+)
+from pgolf.registry.run.provenance import Provenance, document_hashes, fingerprint, overlap
+from pgolf.registry.run.runtime import Runtime
+from pgolf.techniques.lora_ttt import LoRATTT
+
+CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")
+V = 64
+BOS = 1
+LUT = ByteLUT(
+    torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool), V
+)
+SHORT = {"chunk_tokens": 8, "short_chunks": [[8, 4]], "rank": 4, "alpha": 6.0, "lr": 0.01, "beta1": 0.9}
+
+
+def docs_stream(n_docs: int = 14, seed: int = 0) -> torch.Tensor:
+    """Documents (BOS + 12–40 tokens) drawn from a few phrases, so caches and TTT have repeats."""
+    g = torch.Generator().manual_seed(seed)
+    phrases = [
+        torch.randint(2, V, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g) for _ in range(6)
+    ]
+    out = []
+    for _ in range(n_docs):
+        out.append(torch.tensor([BOS]))
+        for _ in range(int(torch.randint(3, 8, (1,), generator=g))):
+            out.append(phrases[int(torch.randint(0, 6, (1,), generator=g))])
+    out.append(torch.tensor([BOS]))
+    return torch.cat(out)
+
+
+def factory(techniques: dict[str, Any]) -> Callable[[], Any]:
+    """Fresh identical tiny builds with random (seeded) weights."""
+
+    def fresh() -> Any:
+        b = tiny_build(techniques, seed=0)
+        g = torch.Generator().manual_seed(1)
+        infos = {id(p) for a in getattr(b.techniques[0], "adapters", []) for p in (a.A, a.B)}
+        with torch.no_grad():
+            for p in b.model.parameters():
+                if id(p) not in infos:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return b
+
+    return fresh
+
+
+def probe(
+    techniques: dict[str, Any], stream: torch.Tensor, suggested: tuple[int, ...] = ()
+) -> tuple[Any, Any]:
+    fresh = factory(techniques)
+    b = fresh()
+    scorer = b.sites.filler("scorer")
+    if scorer is not None and "probe_points" in scorer.hooks:
+        suggested = (*suggested, *scorer.call("probe_points", n_targets=stream.numel() - 1, seq_len=16,
+                                              stream=stream))  # fmt: skip
+    return future_and_normalisation(fresh, stream, CPU, seq_len=16, batch_tokens=64, switches=(), vocab_size=V,
+                                    seed=3, suggested=suggested, span=90)  # fmt: skip
+
+
+LEGAL = {
+    "plain": {},
+    "sliding_window": {"sliding_window": {"stride": 4}},
+    "score_first_ttt": {
+        "score_first_ttt": {"chunk_tokens": 40, "stride": 8, "epochs": 2, "lr": 0.05, "batch_rows": 2}
+    },
+    "lora_ttt": {"lora_ttt": {**SHORT, "docs_per_batch": 3}},
+    "phased_ttt": {
+        "phased_ttt": {**SHORT, "docs_per_batch": 2, "prefix_docs": 2, "phases": 1, "global_lr": 0.02}
+    },
+    "temperature": {"temperature": {"mode": "fitted", "min_tokens": 16}},
+    "ngram_cache": {"ngram_cache": {"buckets": 4096}},
+    "ngram_tilt": {"ngram_tilt": {"buckets": 4096, "order": 2, "min_confidence": 0.5}},
+}
+
+
+@pytest.mark.parametrize("name", list(LEGAL))
+def test_causal_normalised_evaluation_passes_both_probes(name: str) -> None:
+    future, norm = probe(LEGAL[name], docs_stream())
+    assert future.passed is True, future.message
+    assert norm.passed is True, norm.message
+    assert len(future.details["cuts"]) >= 3 and norm.details["sampled_positions"] > 10
+
+
+def test_ttt_scorers_ask_for_cuts_inside_a_chunk_they_train_on() -> None:
+    fresh = factory(LEGAL["score_first_ttt"])
+    scorer = fresh().sites.filler("scorer")
+    assert scorer.call("probe_points", n_targets=400, seq_len=16, stream=docs_stream()) == [39, 40, 60]
+    stream = docs_stream()
+    lora = factory(LEGAL["lora_ttt"])().sites.filler("scorer")
+    points = lora.call("probe_points", n_targets=stream.numel() - 1, seq_len=16, stream=stream)
+    assert points and all(0 < k < stream.numel() - 1 for k in points)
+    assert set(points) <= set(cut_points(stream.numel() - 1, points, seed=3, span=90))
+
+
+def test_the_gated_expert_is_caught_by_the_future_probe_at_the_cut() -> None:
+    future, norm = probe({"ngram_gated_expert": {"buckets": 4096}}, docs_stream())
+    assert future.passed is False and norm.passed is True, (future.message, norm.message)
+    k = future.details["cut"]
+    assert future.details["position"] == k
+    assert (
+        f"future probe: changing the tokens after position {k} changed the distribution at position {k}"
+        in (future.message)
+    )
+
+
+def test_the_hashed_cache_is_caught_by_the_normalisation_probe_with_its_position_and_sum() -> None:
+    _, norm = probe({"hashed_ngram_cache": {"buckets": 256}}, docs_stream())
+    assert norm.passed is False
+    assert "normalisation probe: technique 'hashed_ngram_cache'" in norm.message
+    assert f"at position {norm.details['position']}: they sum to" in norm.message
+
+
+def _peeking_scorer() -> Technique:
+    class Peek(Technique):
+        """Scores each window with one extra token of lookahead (a scorer bug)."""
+
+        @hook
+        def score(self, model: Any, stream: torch.Tensor, runtime: Any) -> Iterator[Emit]:
+            n = stream.numel() - 1
+            for s in range(0, n, 16):
+                e = min(s + 16, n)
+                x = stream[s : min(e + 1, n)][None]  # one token too many: position e-1 sees x_e
+                with torch.no_grad():
+                    logits = model.logits(x)[0]
+                # the bug: every row gets the window's mean logits, the lookahead row's included
+                yield Emit(s, logits[: e - s] + logits.mean(0))
+
+    Registry().add("peek", Peek)
+    return Peek(Peek.Params(), None)  # type: ignore[arg-type]
+
+
+def test_a_scorer_that_reads_ahead_is_caught_at_an_earlier_position() -> None:
+    stream = docs_stream()
+    base = factory({})
+
+    def fresh() -> Any:
+        b = base()
+        b.sites = Dispatcher([_peeking_scorer()])
+        return b
+
+    future, _ = future_and_normalisation(fresh, stream, CPU, seq_len=16, batch_tokens=64, switches=(),
+                                         vocab_size=V, seed=3, span=90)  # fmt: skip
+    assert future.passed is False
+    assert future.message.startswith(
+        f"future probe: changing the tokens after position {future.details['cut']}"
+    )
+    assert f"position {future.details['position']}" in future.message
+
+
+class ChunksByLength(LoRATTT):
+    """The records' short-document rule: the chunk size from the document's total length."""
+
+    def chunks(self, a: int, b: int) -> list[tuple[int, int]]:
+        size = 4 if b - a <= 30 else 8
+        return [(s, min(b, s + size)) for s in range(a, b, size)]
+
+
+def test_chunk_sizes_from_the_total_document_length_read_the_future() -> None:
+    Registry().add("lora_by_length", ChunksByLength)
+    stream = docs_stream(n_docs=6)
+    legal = factory({"lora_ttt": {**SHORT, "docs_per_batch": 1}})
+
+    def fresh() -> Any:
+        b = legal()
+        old = b.techniques[0]
+        cheat = ChunksByLength(old.params, old.spec)
+        cheat.adapters, cheat.kinds = old.adapters, old.kinds
+        b.sites = Dispatcher([cheat])
+        return b
+
+    starts = (stream[:-1] == BOS).nonzero().flatten().tolist()
+    # in each document's second chunk (after one step): where it ends is the future, and it sets the chunk size
+    cuts = tuple(s + 5 for s in starts[:4])
+    future, _ = future_and_normalisation(fresh, stream, CPU, seq_len=16, batch_tokens=64, switches=(),
+                                         vocab_size=V, seed=3, suggested=cuts, span=90)  # fmt: skip
+    assert future.passed is False, future.message
+
+
+def test_the_runner_records_every_unnormalised_emit_without_stopping() -> None:
+    b = tiny_build({"hashed_ngram_cache": {"buckets": 64}})
+    res = evaluate(b.model, docs_stream(), LUT, seq_len=16, batch_tokens=32, runtime=CPU, sites=b.sites)
+    assert res.tokens == docs_stream().numel() - 1  # scored to the end
+    (v,) = res.violations
+    assert v.technique == "hashed_ngram_cache" and v.probe == "normalisation" and v.position > 0
+    assert f"at position {v.position}" in v.message
+
+
+def test_perturbation_changes_every_token_after_the_cut_and_nothing_before() -> None:
+    s = docs_stream()
+    p = perturb_after(s, 20, V, 0)
+    assert torch.equal(p[:21], s[:21]) and bool((p[21:] != s[21:]).all())
+
+
+def test_a_pass_stops_after_the_emit_holding_its_cut() -> None:
+    b = tiny_build({})
+    seen = []
+    for sc in scored_stream(b.model, docs_stream(), CPU, seq_len=16, batch_tokens=32, sites=b.sites):
+        seen.append(sc.start)
+        if sc.start + sc.nll.numel() > 40:
+            break
+    assert seen == [0, 32]
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def test_the_file_watch_sees_a_validation_shard_opened_by_any_code(tmp_path: Path) -> None:
+    val = tmp_path / "fineweb_val_000000.bin"
+    train = tmp_path / "fineweb_train_000000.bin"
+    data.write_shard(val, [1, 2, 3])
+    data.write_shard(train, [1, 2, 3])
+    other = tmp_path / "copy" / "renamed.bin"
+    other.parent.mkdir()
+    other.write_bytes(val.read_bytes())
+    step = [0]
+    with data.watch_opens([val, other], where=lambda: f"step {step[0]}") as w:
+        w.phase = "training"
+        data.load_shard(train)
+        step[0] = 7
+        np.fromfile(val, dtype="<u2")
+        w.phase = "finalize"
+        other.read_bytes()
+        w.stop()
+        data.load_shard(val)  # after the watch stopped: not recorded again
+    np.fromfile(val, dtype="<u2")  # outside
+    assert w.validation_opened == {str(val): "training, step 7", str(other): "finalize, step 7"}
+    assert set(w.shards) == {str(train), str(val), str(other)}
+    res = data_probe(w)
+    assert res.passed is False
+    assert res.message.startswith(
+        "data probe: validation shard fineweb_val_000000.bin was opened during training"
+    )
+    assert "(at training, step 7) and 1 more" in res.message
+    again = data_probe(res.to_dict())  # as recorded in result.json
+    assert again.passed is False and again.message == res.message
+
+
+def test_no_validation_open_passes_the_data_probe(tmp_path: Path) -> None:
+    train = tmp_path / "fineweb_train_000000.bin"
+    data.write_shard(train, [1, 2, 3])
+    with data.watch_opens([tmp_path / "fineweb_val_000000.bin"]) as w:
+        data.load_shard(train)
+    assert data_probe(w).passed is True
+    assert data_probe(None).passed is None
+
+
+# ---- provenance and tags -----------------------------------------------------------------------
+
+
+def test_documents_are_hashed_between_bos_tokens() -> None:
+    t = np.array([7, 7, 1, 5, 6, 1, 5, 6, 1], dtype="<u2")
+    h, n = document_hashes(t, 1)
+    assert n.tolist() == [2, 3, 3, 1]  # a prefix without BOS is a document of its own
+    assert h[1] == h[2] and h[0] != h[1]
+
+
+def _shards(
+    folder: Path, val_docs: list[list[int]], train_docs: list[list[int]]
+) -> tuple[list[Path], list[Path]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    v, t = folder / "fineweb_val_000000.bin", folder / "fineweb_train_000000.bin"
+    data.write_shard(v, [x for d in val_docs for x in [BOS, *d]])
+    data.write_shard(t, [x for d in train_docs for x in [BOS, *d]])
+    return [t], [v]
+
+
+def test_overlap_counts_validation_documents_found_in_training(tmp_path: Path) -> None:
+    val = [[5, 6, 7], [8, 9], [10, 11, 12, 13], []]
+    train, vals = _shards(tmp_path / "a", val, [[8, 9], [3, 3], [10, 11, 12, 13], [10, 11, 12]])
+    ov = overlap(train, vals, BOS)
+    assert (ov.val_documents, ov.train_documents, ov.overlapping, ov.overlapping_tokens, ov.first) == (
+        3,
+        4,
+        2,
+        8,
+        1,
+    )
+    assert not ov.acceptable
+    prov = Provenance(fingerprint(train, vals, BOS), ov, 0.0)
+    res = provenance_probe(prov)
+    assert res.passed is False
+    assert res.message.startswith(
+        "provenance: 2 of 3 validation documents (66.67%, 8 tokens; the first is validation document 1)"
+    )
+    clean, cvals = _shards(tmp_path / "b", val, [[3, 3]])
+    assert provenance_probe(
+        Provenance(fingerprint(clean, cvals, BOS), overlap(clean, cvals, BOS), 0.0)
+    ).passed
+
+
+def test_the_fingerprint_tells_two_datasets_apart(tmp_path: Path) -> None:
+    a = fingerprint(*_shards(tmp_path / "a", [[5, 6]], [[7, 8]]), BOS)
+    b = fingerprint(*_shards(tmp_path / "b", [[5, 6]], [[7, 9]]), BOS)
+    c = fingerprint(*_shards(tmp_path / "c", [[5, 6]], [[7, 8]]), BOS)
+    assert a["sha256"] == c["sha256"] != b["sha256"]
+    assert a["train"]["files"][0]["name"] == "fineweb_train_000000.bin" and a["train"]["tokens"] == 3
+    assert a["val"]["documents"] == 1
+
+
+def test_tags_name_every_illegal_or_unreviewed_technique() -> None:
+    from pgolf.registry import REGISTRY
+
+    ok = tags_probe([REGISTRY.get("sliding_window"), REGISTRY.get("temperature")])
+    bad = tags_probe([REGISTRY.get("sliding_window"), REGISTRY.get("hashed_ngram_cache")])
+    assert ok.passed is True and bad.passed is False
+    assert bad.message.startswith("tags: technique 'hashed_ngram_cache' is tagged illegal")
