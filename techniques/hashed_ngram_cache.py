@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pgolf.registry import register
-from pgolf.techniques.ngram_cache import NgramCache, NgramCacheParams
+from pgolf.techniques.ngram_cache import NgramCache, NgramCacheParams, mix
 
 
 class HashedNgramCacheParams(NgramCacheParams):
@@ -52,9 +52,18 @@ class HashedNgramCache(NgramCache):
     legality = ("illegal",)
     contract_params: ClassVar[dict[str, Any]] = {"buckets": 4096}
 
-    def ngram_distribution(
-        self, hashes: list[tuple[int, Tensor, Tensor]], vocab: int
-    ) -> tuple[Tensor, Tensor]:
+    def mixed(
+        self, logprobs: Tensor, hashes: list[tuple[int, Tensor, Tensor]], context: Tensor, positions: Tensor
+    ) -> Tensor:
+        """(1 − α)·p_model + α·p_ng with the published ratio for p_ng (no normalisation)."""
+        q, found = self.published_ratio(hashes, logprobs.size(-1))
+        if not bool(found.any()):
+            return logprobs
+        out = logprobs.clone()
+        out[found] = mix(logprobs[found], q[found], self.entropy_alpha(logprobs)[found])
+        return out
+
+    def published_ratio(self, hashes: list[tuple[int, Tensor, Tensor]], vocab: int) -> tuple[Tensor, Tensor]:
         """min(1, c(ctx, a) / c(ctx)) for every a, each from the highest order where (ctx, a) hit."""
         n = hashes[0][1].numel()
         dev = hashes[0][1].device

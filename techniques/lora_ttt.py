@@ -282,10 +282,11 @@ class LoRATTT(Technique):
 
     @contextlib.contextmanager
     def adapting(self, model: nn.Module) -> Iterator[list[nn.Parameter]]:
-        """Base weights frozen, adapters trainable; restored however scoring ends."""
-        adapter_ids = {id(q) for a in self.adapters for q in (a.A, a.B) if q is not None}
-        base = [q for q in model.parameters() if id(q) not in adapter_ids and q.requires_grad]
+        """Base weights frozen, adapters trainable; every flag restored however scoring ends."""
         lora = [q for a in self.adapters for q in (a.A, a.B) if q is not None]
+        ids = {id(q) for q in lora}
+        base = [q for q in model.parameters() if id(q) not in ids and q.requires_grad]
+        lora_flags = [q.requires_grad for q in lora]
         for q in base:
             q.requires_grad_(False)
         for q in lora:
@@ -296,8 +297,8 @@ class LoRATTT(Technique):
         finally:
             for q in base:
                 q.requires_grad_(True)
-            for q in lora:
-                q.requires_grad_(False)
+            for q, f in zip(lora, lora_flags):
+                q.requires_grad_(f)
                 q.grad = None
             for a in self.adapters:
                 a.slots = None

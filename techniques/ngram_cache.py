@@ -134,6 +134,9 @@ class NgramCacheParams(Params):
         4_194_304, ge=16, le=1 << 30, description="hash buckets per table (2 int32 tables per order)"
     )
     min_count: int = Field(1, ge=1, description="times a context must have been seen to be used")
+    concentration: float = Field(
+        0.0, ge=0, description="κ: Dirichlet prior on the model's distribution added to the counts (0 = raw)"
+    )
     alpha_min: float = Field(0.05, ge=0, le=1, description="α at low model entropy")
     alpha_span: float = Field(0.55, ge=0, le=1, description="α_max − α_min")
     center: float = Field(4.0, description="entropy (nats) where α is halfway")
@@ -181,7 +184,9 @@ class NgramCache(Technique):
     ) -> Tensor:
         """The mixture for rows (n,V) whose per-order context hashes are given (``context`` and
         ``positions``: the stream and the rows' positions, for variants that look at them)."""
-        q, found = self.ngram_distribution(hashes, logprobs.size(-1))
+        counts, found = self.backoff_counts(hashes, logprobs.size(-1))
+        q = torch.zeros_like(logprobs)
+        q[found] = self.smoothed(counts[found], logprobs[found])
         if not bool(found.any()):
             return logprobs
         alpha = self.entropy_alpha(logprobs)
@@ -189,15 +194,19 @@ class NgramCache(Technique):
         out[found] = mix(logprobs[found], q[found], alpha[found])
         return out
 
+    def smoothed(self, counts: Tensor, logprobs: Tensor) -> Tensor:
+        """(c(ctx, a) + κ·p_model(a)) / (Σ_b c(ctx, b) + κ) (n,V): the counts with a Dirichlet prior
+        of strength κ = ``concentration`` centred on the model; κ = 0 gives the raw frequencies."""
+        k = self.params.concentration
+        return (counts + k * logprobs.exp()) / (counts.sum(-1, keepdim=True) + k)
+
     def entropy_alpha(self, logprobs: Tensor) -> Tensor:
         p = self.params
         return entropy_weight(logprobs, p.alpha_min, p.alpha_span, p.center, p.slope)
 
-    def ngram_distribution(
-        self, hashes: list[tuple[int, Tensor, Tensor]], vocab: int
-    ) -> tuple[Tensor, Tensor]:
-        """(p_ng (n,V), rows where some order's context was seen): the highest such order's
-        counts over the whole vocabulary, normalised."""
+    def backoff_counts(self, hashes: list[tuple[int, Tensor, Tensor]], vocab: int) -> tuple[Tensor, Tensor]:
+        """(c(ctx, ·) (n,V) of the highest order whose context was seen ``min_count`` times, rows
+        where some order's was): counts over the whole vocabulary."""
         n = hashes[0][1].numel()
         dev = hashes[0][1].device
         q = torch.zeros(n, vocab, device=dev)
@@ -207,10 +216,9 @@ class NgramCache(Technique):
             if not bool(use.any()):
                 continue
             counts = self.tables.pair_counts(o, h[use], vocab).float()
-            total = counts.sum(-1, keepdim=True)
-            ok = total[:, 0] > 0
+            ok = counts.sum(-1) > 0
             rows = use.nonzero().flatten()[ok]
-            q[rows] = counts[ok] / total[ok]
+            q[rows] = counts[ok]
             found[rows] = True
         return q, found
 

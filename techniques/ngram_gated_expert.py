@@ -57,25 +57,25 @@ class NgramGatedExpert(NgramCache):
         known = nxt < context.numel()
         realised = torch.where(known, context[nxt.clamp(max=context.numel() - 1)], -1)
         n, vocab = logprobs.shape
-        q = torch.zeros(n, vocab, device=logprobs.device)
+        counts = torch.zeros(n, vocab, device=logprobs.device)
         found = torch.zeros(n, dtype=torch.bool, device=logprobs.device)
         for o, h, valid in sorted(hashes, key=lambda x: -x[0]):
             use = valid & known & ~found & (self.tables.context_counts(o, h) >= self.params.min_count)
             if not bool(use.any()):
                 continue
-            counts = self.tables.pair_counts(o, h[use], vocab).float()
-            seen = counts.gather(1, realised[use].clamp(min=0)[:, None])[:, 0] > 0  # the gate: x_{t+1}
+            c = self.tables.pair_counts(o, h[use], vocab).float()
+            seen = c.gather(1, realised[use].clamp(min=0)[:, None])[:, 0] > 0  # the gate reads x_{t+1}
             rows = use.nonzero().flatten()[seen]
-            q[rows] = counts[seen] / counts[seen].sum(-1, keepdim=True)
+            counts[rows] = c[seen]
             found[rows] = True
-        blind = ~known  # no realised token handed over: back off by context
+        blind = ~known  # no realised token handed over: back off by context, like the legal cache
         if bool(blind.any()):
-            qb, fb = self.ngram_distribution([(o, h[blind], v[blind]) for o, h, v in hashes], vocab)
+            cb, fb = self.backoff_counts([(o, h[blind], v[blind]) for o, h, v in hashes], vocab)
             rows = blind.nonzero().flatten()
-            q[rows], found[rows] = qb, fb
+            counts[rows], found[rows] = cb, fb
         if not bool(found.any()):
             return logprobs
-        alpha = self.entropy_alpha(logprobs)
         out = logprobs.clone()
-        out[found] = mix(logprobs[found], q[found], alpha[found])
+        q = self.smoothed(counts[found], logprobs[found])
+        out[found] = mix(logprobs[found], q, self.entropy_alpha(logprobs)[found])
         return out

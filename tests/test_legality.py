@@ -18,10 +18,12 @@ from pgolf.registry.run import data
 from pgolf.registry.run.bpb import ByteLUT
 from pgolf.registry.run.evaluate import evaluate, scored_stream
 from pgolf.registry.run.legality import (
+    Recorder,
     cut_points,
     data_probe,
     future_and_normalisation,
     perturb_after,
+    probe_plan,
     provenance_probe,
     tags_probe,
 )
@@ -69,6 +71,15 @@ def factory(techniques: dict[str, Any]) -> Callable[[], Any]:
     return fresh
 
 
+def run_probes(
+    fresh: Callable[[], Any], stream: torch.Tensor, suggested: tuple[int, ...] = ()
+) -> tuple[Any, Any]:
+    """The probes over the first 90 targets (plus ``suggested`` cuts), with a base pass of their own."""
+    plan = probe_plan(stream.numel() - 1, suggested, 3, span=90)
+    return future_and_normalisation(fresh, stream, CPU, plan, seq_len=16, batch_tokens=64, switches=(),
+                                    vocab_size=V, seed=3)  # fmt: skip
+
+
 def probe(
     techniques: dict[str, Any], stream: torch.Tensor, suggested: tuple[int, ...] = ()
 ) -> tuple[Any, Any]:
@@ -78,8 +89,7 @@ def probe(
     if scorer is not None and "probe_points" in scorer.hooks:
         suggested = (*suggested, *scorer.call("probe_points", n_targets=stream.numel() - 1, seq_len=16,
                                               stream=stream))  # fmt: skip
-    return future_and_normalisation(fresh, stream, CPU, seq_len=16, batch_tokens=64, switches=(), vocab_size=V,
-                                    seed=3, suggested=suggested, span=90)  # fmt: skip
+    return run_probes(fresh, stream, suggested)
 
 
 LEGAL = {
@@ -163,8 +173,7 @@ def test_a_scorer_that_reads_ahead_is_caught_at_an_earlier_position() -> None:
         b.sites = Dispatcher([_peeking_scorer()])
         return b
 
-    future, _ = future_and_normalisation(fresh, stream, CPU, seq_len=16, batch_tokens=64, switches=(),
-                                         vocab_size=V, seed=3, span=90)  # fmt: skip
+    future, _ = run_probes(fresh, stream)
     assert future.passed is False
     assert future.message.startswith(
         f"future probe: changing the tokens after position {future.details['cut']}"
@@ -196,8 +205,7 @@ def test_chunk_sizes_from_the_total_document_length_read_the_future() -> None:
     starts = (stream[:-1] == BOS).nonzero().flatten().tolist()
     # in each document's second chunk (after one step): where it ends is the future, and it sets the chunk size
     cuts = tuple(s + 5 for s in starts[:4])
-    future, _ = future_and_normalisation(fresh, stream, CPU, seq_len=16, batch_tokens=64, switches=(),
-                                         vocab_size=V, seed=3, suggested=cuts, span=90)  # fmt: skip
+    future, _ = run_probes(fresh, stream, cuts)
     assert future.passed is False, future.message
 
 
@@ -329,3 +337,36 @@ def test_tags_name_every_illegal_or_unreviewed_technique() -> None:
     bad = tags_probe([REGISTRY.get("sliding_window"), REGISTRY.get("hashed_ngram_cache")])
     assert ok.passed is True and bad.passed is False
     assert bad.message.startswith("tags: technique 'hashed_ngram_cache' is tagged illegal")
+
+
+def test_the_probes_are_not_counted_code() -> None:
+    from pgolf.registry.run.code import counted_files
+
+    names = {f.name for f in counted_files([])}
+    assert "pgolf/registry/run/pipeline.py" in names and "pgolf/registry/run/evaluate.py" in names
+    assert not names & {"pgolf/registry/run/legality.py", "pgolf/registry/run/provenance.py"}
+
+
+def test_a_stack_without_evaluation_techniques_reuses_the_runs_own_evaluation() -> None:
+    from pgolf.registry.api.config import stack_from_dict
+    from pgolf.registry.run.pipeline import probe_recorder
+
+    stream = docs_stream()
+    model = {"num_layers": 2, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": V}
+    train = {"train_seq_len": 16, "train_batch_tokens": 64, "micro_batch_tokens": 32}
+    with_chain = stack_from_dict({"model": model, "train": train, "techniques": {"temperature": {}}})
+    assert probe_recorder(with_chain, stream) is None  # transforms may depend on the batching
+    fresh = factory({})
+    plan = probe_plan(stream.numel() - 1, (), 3, span=90)
+    assert plan is not None
+    rec = Recorder(plan)
+    b = fresh()
+    evaluate(b.model, stream, LUT, seq_len=16, batch_tokens=64, runtime=CPU, sites=b.sites, inspect=rec)
+    base = rec.result()
+    assert base is not None and set(base.rows) == {*plan.cuts, *plan.samples}
+    own = run_probes(fresh, stream)[0]
+    future, norm = future_and_normalisation(fresh, stream, CPU, plan, seq_len=16, batch_tokens=64, switches=(),
+                                            vocab_size=V, seed=3, base=base)  # fmt: skip
+    assert future.passed is True and own.passed is True and norm.passed is True
+    assert future.details["positions_scored"] < own.details["positions_scored"]
+    assert Recorder(plan).result() is None  # nothing recorded: the probes make their own pass

@@ -12,6 +12,9 @@ from the run's entry module and from each technique's file:
 - the default-corpus builder (:mod:`pgolf.registry.tools.corpus`) only when the stack uses the
   embedded default corpus (``data.path: null``): with a ``data.path`` it builds nothing.
 
+The legality probes and the provenance check (:data:`VERIFICATION_MODULES`) run too, but they
+verify the run rather than make it, and a submission does not contain them: not counted.
+
 Not counted: the standard library and installed third-party distributions (torch, numpy, ...), as
 in the challenge, and the built-in techniques a stack does not use (the registry imports them to
 list them; a submission would not contain them). The CLI, the bench and the search harness drive
@@ -44,6 +47,9 @@ ENTRY_MODULE = "pgolf.registry.run.pipeline"
 
 PGOLF_PACKAGES = ("pgolf.registry", "pgolf.techniques")
 DEFAULT_CORPUS_MODULE = "pgolf.registry.tools.corpus"
+VERIFICATION_MODULES = ("pgolf.registry.run.legality", "pgolf.registry.run.provenance")
+"""The legality probes and the data-provenance check: they verify a run after its score (and its
+data before training); a submission does not run them, so they are not counted."""
 PLUGIN_FOLDER = "plugins"
 """Local plugin files are counted (and kept in a run folder) under this name."""
 
@@ -287,7 +293,7 @@ class _Walk:
         """Count module ``name`` (and its parent packages), then follow its imports."""
         if name in self.seen:
             return
-        if name == DEFAULT_CORPUS_MODULE and not self.default_corpus:
+        if (name == DEFAULT_CORPUS_MODULE and not self.default_corpus) or name in VERIFICATION_MODULES:
             return
         found = _module_file(name)
         if found is None:

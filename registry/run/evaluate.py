@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,8 +214,10 @@ def evaluate(
     sites: Dispatcher | None = None,
     switches: tuple[str, ...] = (),
     want_nll: bool = False,
+    inspect: Callable[[Scored], None] | None = None,
 ) -> EvalResult:
-    """Score every target of ``tokens`` (1-D ids) with the stack's scorer and logprobs chain."""
+    """Score every target of ``tokens`` (1-D ids) with the stack's scorer and logprobs chain;
+    ``inspect`` sees each emit once scored (the legality probes record what they compare with)."""
     if want_nll and runtime.distributed:
         raise PgolfError("per-token NLL dumps are written by single-process evaluation only")
     t0 = time.perf_counter()
@@ -238,6 +240,8 @@ def evaluate(
         byte_sum += target_bytes(dev_stream[sc.start : sc.start + n], sc.targets, lut).double().sum()
         if want_nll:
             nll_parts.append(sc.nll.cpu())
+        if inspect is not None:
+            inspect(sc)
         nxt = sc.start + n
     scorer = (sites or Dispatcher(())).filler("scorer")
     who = f"scorer {scorer.name!r}" if scorer is not None else "the default scorer"

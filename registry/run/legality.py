@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..api.technique import Technique
 from .data import FileWatch
-from .evaluate import Violation, scored_stream
+from .evaluate import Scored, Violation, scored_stream
 from .provenance import MAX_OVERLAP_SHARE, Provenance
 from .runtime import Runtime, seed_everything
 
@@ -182,6 +182,36 @@ class Pass:
     violations: list[Violation]
 
 
+@dataclass(frozen=True)
+class RandomState:
+    """The CPU (and current CUDA device's) random state, to start several passes from the same
+    numbers; restoring it is much cheaper than re-seeding (which records a stack trace for CUDA's
+    lazy initialisation on every call)."""
+
+    cpu: Tensor
+    cuda: Tensor | None
+    device: torch.device
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RandomState:
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda, device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> RandomState:
+        """The state right after ``seed_everything(seed)`` (the current state is left as it was)."""
+        before = cls.capture(device)
+        seed_everything(seed)
+        out = cls.capture(device)
+        before.restore()
+        return out
+
+
 Fresh = Callable[[], Any]
 """Returns a fresh build (``.model``, ``.sites``) holding the artifact's weights, made right after
 ``seed_everything(seed)`` so every pass starts from the same state."""
@@ -197,12 +227,14 @@ def scoring_pass(
     switches: tuple[str, ...],
     until: int,
     keep: Iterable[int],
-    seed: int,
+    seed: RandomState,
+    last: bool = False,
 ) -> Pass:
     """Score ``stream`` with a fresh build until position ``until`` has been scored; the random
-    state is reset to ``seed`` before scoring, so every pass draws the same numbers."""
-    b = fresh()
-    seed_everything(seed)
+    state is reset to ``seed`` before scoring, so every pass draws the same numbers. ``last``: the
+    factory's last use (one with a ``last()`` method hands over its pristine build)."""
+    b = fresh.last() if last and hasattr(fresh, "last") else fresh()
+    seed.restore()
     nll = torch.full((until + 1,), math.nan, dtype=torch.float64)
     wanted = sorted(set(keep))
     rows: dict[int, Tensor] = {}
@@ -261,43 +293,99 @@ def total_variation(a: Tensor, b: Tensor) -> float:
     return float(0.5 * (a.exp() - b.exp()).abs().sum())
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where the probes look: the future probe's cuts and the normalisation probe's samples."""
+
+    cuts: list[int]
+    samples: list[int]
+
+    @property
+    def until(self) -> int:
+        return max(self.cuts)
+
+
+def probe_plan(n_targets: int, suggested: Sequence[int], seed: int, span: int | None = None) -> Plan | None:
+    """The cuts (:func:`cut_points`) and :data:`NORMALISATION_SAMPLES` positions drawn up to the
+    last cut; None when the stream is too short to cut."""
+    cuts = cut_points(n_targets, suggested, seed, span)
+    if not cuts:
+        return None
+    rng = np.random.default_rng(seed + 1)
+    return Plan(cuts, sorted({int(p) for p in rng.integers(0, max(cuts) + 1, NORMALISATION_SAMPLES)}))
+
+
+class Recorder:
+    """An ``inspect`` hook for :func:`~pgolf.registry.run.evaluate.evaluate`: keeps, from the
+    run's own evaluation of the unchanged stream, what the probes compare against (the NLL of
+    every position up to the last cut, the distributions at the cuts and samples), so the probes
+    need no pass of their own over it."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.nll = torch.full((plan.until + 1,), math.nan, dtype=torch.float64)
+        self.rows: dict[int, Tensor] = {}
+        self._keep = sorted({*plan.cuts, *plan.samples})
+
+    def __call__(self, sc: Scored) -> None:
+        n = sc.nll.numel()
+        hi = min(sc.start + n, self.plan.until + 1)
+        if hi <= sc.start:
+            return
+        self.nll[sc.start : hi] = sc.nll[: hi - sc.start].double().cpu()
+        here = [p for p in self._keep if sc.start <= p < sc.start + n]
+        if here:
+            r = sc.rows()
+            for p in here:
+                self.rows[p] = r[p - sc.start].double().cpu()
+
+    def result(self) -> Pass | None:
+        """The recorded base pass; None if some position was not seen (scored on another rank)."""
+        if bool(self.nll.isnan().any()) or len(self.rows) < len(self._keep):
+            return None
+        return Pass(self.nll, self.rows, [])
+
+
 def future_and_normalisation(
     fresh: Fresh,
     stream: Tensor,
     runtime: Runtime,
+    plan: Plan | None,
     *,
     seq_len: int,
     batch_tokens: int,
     switches: tuple[str, ...],
     vocab_size: int,
     seed: int,
-    suggested: Sequence[int] = (),
+    base: Pass | None = None,
     eval_violations: Sequence[Violation] | None = None,
-    span: int | None = None,
 ) -> tuple[ProbeResult, ProbeResult]:
-    """The future and normalisation probes (see the module docstring). ``fresh`` builds the
-    stack's model with the artifact's weights; ``runtime`` must be a single-process runtime;
-    ``eval_violations``: what the runner found in the run's full evaluation (None: not run here);
-    ``span`` overrides :func:`probe_span` (tests)."""
-    stream = stream.to(torch.int64).cpu()
-    n_targets = stream.numel() - 1
-    cuts = cut_points(n_targets, suggested, seed, span)
-    if not cuts:
+    """The future and normalisation probes (see the module docstring) at ``plan``'s positions.
+    ``fresh`` builds the stack's model with the artifact's weights; ``runtime`` must be a
+    single-process runtime; ``base``: the unchanged stream's scores as the run's evaluation
+    recorded them (:class:`Recorder`; None: a pass of its own); ``eval_violations``: what the
+    runner found in that evaluation (None: not run here)."""
+    if plan is None:
         skipped = ProbeResult("future", None, "future probe: the stream is too short to cut")
         return skipped, ProbeResult("normalisation", None, "normalisation probe: nothing was scored")
-    until = max(cuts)
-    rng = np.random.default_rng(seed + 1)
-    samples = sorted({int(p) for p in rng.integers(0, until + 1, NORMALISATION_SAMPLES)})
-    # a pass stops after the emit that holds its cut: batches about as long as the first cut
-    windows = max(1, min(PROBE_BATCH_WINDOWS, batch_tokens // seq_len, -(-(min(cuts) + 1) // seq_len)))
-    small = windows * seq_len
-    kw = {"seq_len": seq_len, "batch_tokens": small, "switches": switches, "seed": seed}
+    stream = stream.to(torch.int64).cpu()
+    until = plan.until
+    start = RandomState.seeded(seed, runtime.device)
+    kw = {"seq_len": seq_len, "batch_tokens": batch_tokens, "switches": switches, "seed": start}
     t0 = time.perf_counter()
-    base = scoring_pass(fresh, stream, runtime, until=until, keep=[*cuts, *samples], **kw)  # type: ignore[arg-type]
-    future = _future(fresh, stream, runtime, base, cuts, vocab_size, seed, kw)
-    future.details["positions_scored"] += until + 1
+    scored = 0
+    if base is None:
+        # every pass cut at the same emit boundaries, so transforms that learn after each emit see
+        # the same prefix at every position in every pass
+        kw = _batching(kw, min(plan.cuts))
+        base = scoring_pass(fresh, stream, runtime, until=until, keep=[*plan.cuts, *plan.samples], **kw)  # type: ignore[arg-type]
+        scored = until + 1
+    else:  # the run's evaluation of a stack with no evaluation technique: nothing depends on batching
+        kw = {**kw, "per_cut": True}
+    future = _future(fresh, stream, runtime, base, plan.cuts, vocab_size, seed, kw)
+    future.details["positions_scored"] += scored
     future.details["seconds"] = round(time.perf_counter() - t0, 3)
-    norm = _normalisation(base, samples, [*(eval_violations or ()), *base.violations], vocab_size,
+    norm = _normalisation(base, plan.samples, [*(eval_violations or ()), *base.violations], vocab_size,
                           eval_violations is not None)  # fmt: skip
     return future, norm
 
@@ -307,13 +395,16 @@ def _future(
     seed: int, kw: Mapping[str, Any],
 ) -> ProbeResult:  # fmt: skip
     details: dict[str, Any] = {"cuts": cuts, "tolerance": FUTURE_TOLERANCE, "positions_scored": 0}
+    per_cut = bool(kw.get("per_cut"))
+    kw = {k: v for k, v in kw.items() if k != "per_cut"}
     for k in cuts:
         changed = perturb_after(stream, k, vocab_size, seed)
-        got = scoring_pass(fresh, changed, runtime, until=k, keep=[k], **kw)
+        kw_k = _batching(kw, k) if per_cut else kw
+        got = scoring_pass(fresh, changed, runtime, until=k, keep=[k], last=k == cuts[-1], **kw_k)
         details["positions_scored"] += k + 1
         p, change = _moved(got, base, k)
         if p is not None and change < NOISE_CHECK_BELOW:
-            again = scoring_pass(fresh, stream, runtime, until=k, keep=[k], **kw)  # the same stream
+            again = scoring_pass(fresh, stream, runtime, until=k, keep=[k], **kw_k)  # the unchanged stream
             details["positions_scored"] += k + 1
             noise = max(_moved(again, base, k, 0.0)[1], 0.0)
             details["noise"] = max(details.get("noise", 0.0), noise)
@@ -345,6 +436,14 @@ def _future(
         "tokens after them changed",
         details,
     )
+
+
+def _batching(kw: Mapping[str, Any], until: int) -> dict[str, Any]:
+    """``kw`` with batches of about the pass's length: a pass stops after the emit that holds its
+    cut, and one forward of up to :data:`PROBE_BATCH_WINDOWS` windows covers it."""
+    seq_len = int(kw["seq_len"])
+    windows = max(1, min(PROBE_BATCH_WINDOWS, int(kw["batch_tokens"]) // seq_len, -(-(until + 1) // seq_len)))
+    return {**kw, "batch_tokens": windows * seq_len}
 
 
 def _moved(got: Pass, base: Pass, k: int, tolerance: float = FUTURE_TOLERANCE) -> tuple[int | None, float]:

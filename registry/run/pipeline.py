@@ -373,11 +373,17 @@ def score_artifact(
     *,
     validation: tuple[torch.Tensor, bpb.ByteLUT] | None = None,
     want_nll: bool = False,
+    fresh: Callable[[], Built] | None = None,
+    inspect: Callable[[Any], None] | None = None,
 ) -> EvalResult:
     """Rebuild the model afresh from the artifact on disk and score the validation split
-    (``validation``: the split already loaded by :meth:`DataSource.validation`)."""
-    b = build(rs, runtime.device, runtime.attention)
-    load_into(b.model, load_artifact(artifact, b.sites, param_infos(b.model)))
+    (``validation``: the split already loaded by :meth:`DataSource.validation`; ``fresh``: a
+    factory from :func:`artifact_builds` that has read the artifact already)."""
+    if fresh is not None:
+        b = fresh()
+    else:
+        b = build(rs, runtime.device, runtime.attention)
+        load_into(b.model, load_artifact(artifact, b.sites, param_infos(b.model)))
     val, lut = validation or source.validation(rs.stack.model.vocab_size)
     return evaluate(
         b.model,
@@ -389,29 +395,81 @@ def score_artifact(
         sites=b.sites,
         switches=eval_switches(b.sites),
         want_nll=want_nll,
+        inspect=inspect,
     )
 
 
-def artifact_builds(rs: ResolvedStack, artifact: Path, runtime: Runtime, seed: int) -> Callable[[], Built]:
-    """A factory of fresh builds of the stack holding the artifact's weights: the artifact is read
-    from disk once into a build made right after ``seed_everything(seed)``, which is never used
-    itself; each call returns a deep copy of it (new technique instances and modules, so scorers
-    and transforms start afresh, in milliseconds), or a new build where a copy cannot be made."""
-    seed_everything(seed)
-    pristine = build(rs, runtime.device, runtime.attention)
-    state = load_artifact(artifact, pristine.sites, param_infos(pristine.model))
-    load_into(pristine.model, state)
+class ArtifactBuilds:
+    """Fresh builds of a stack holding an artifact's weights (see :func:`artifact_builds`)."""
 
-    def fresh() -> Built:
-        try:
-            return copy.deepcopy(pristine)
-        except Exception:  # a technique holding something that cannot be copied: build anew
-            seed_everything(seed)
-            b = build(rs, runtime.device, runtime.attention)
-            load_into(b.model, state)
-            return b
+    def __init__(self, rs: ResolvedStack, artifact: Path, runtime: Runtime, seed: int):
+        self.rs, self.runtime = rs, runtime
+        self.start = legality.RandomState.seeded(seed, runtime.device)
+        t0 = time.perf_counter()
+        self.pristine: Built | None = self.new()
+        self.build_seconds = time.perf_counter() - t0
+        self.state = load_artifact(artifact, self.pristine.sites, param_infos(self.pristine.model))
+        load_into(self.pristine.model, self.state)
+        self.copying = True
 
-    return fresh
+    def new(self) -> Built:
+        """A build made from the same random state as ``seed_everything(seed)`` leaves (cheaply)."""
+        self.start.restore()
+        return build(self.rs, self.runtime.device, self.runtime.attention)
+
+    def __call__(self) -> Built:
+        if self.copying and self.pristine is not None:
+            t = time.perf_counter()
+            try:
+                b = copy.deepcopy(self.pristine)
+            except Exception:  # a technique holding something that cannot be copied
+                self.copying = False
+            else:
+                self.copying = time.perf_counter() - t <= self.build_seconds
+                return b
+        b = self.new()
+        load_into(b.model, self.state)
+        return b
+
+    def last(self) -> Built:
+        """The pristine build itself, for a caller's last use (later calls build anew)."""
+        if self.pristine is None:
+            return self()
+        b, self.pristine = self.pristine, None
+        return b
+
+
+def artifact_builds(rs: ResolvedStack, artifact: Path, runtime: Runtime, seed: int) -> ArtifactBuilds:
+    """A factory of fresh builds of the stack holding the artifact's weights. The artifact is read
+    from disk once, into a build made right after ``seed_everything(seed)`` that is kept pristine;
+    each call returns a deep copy of it (new technique instances and modules, so scorers and
+    transforms start afresh), or — where copying is slower than building, or impossible — a new
+    build made the same way; ``.last()`` hands over the pristine build itself."""
+    return ArtifactBuilds(rs, artifact, runtime, seed)
+
+
+def probe_plan(rs: ResolvedStack, stream: torch.Tensor) -> legality.Plan | None:
+    """Where the probes of this stack look in ``stream`` (the scorer may name cut points)."""
+    sites = Dispatcher([r.instantiate(rs.spec) for r in rs.techniques])
+    scorer = sites.filler("scorer")
+    suggested: list[int] = []
+    if scorer is not None and "probe_points" in scorer.hooks:
+        got = scorer.call("probe_points", n_targets=stream.numel() - 1, seq_len=eval_seq_len(rs.stack),
+                          stream=stream.to(torch.int64))  # fmt: skip
+        suggested = [int(k) for k in got]
+    return legality.probe_plan(stream.numel() - 1, suggested, rs.stack.seed)
+
+
+def probe_recorder(rs: ResolvedStack, stream: torch.Tensor) -> legality.Recorder | None:
+    """For a stack with no evaluation technique (the default scorer, no logprobs chain), a
+    recorder that lets the run's own evaluation stand as the probes' unchanged pass; None for
+    any other stack, whose scorer or transforms may depend on how positions are batched (the
+    probes then make that pass themselves, batched like their other passes)."""
+    sites = Dispatcher([r.instantiate(rs.spec) for r in rs.techniques])
+    if sites.filler("scorer") is not None or sites.implementers("transform_logprobs"):
+        return None
+    plan = probe_plan(rs, stream)
+    return legality.Recorder(plan) if plan is not None else None
 
 
 def probe_artifact(
@@ -420,24 +478,19 @@ def probe_artifact(
     runtime: Runtime,
     stream: torch.Tensor,
     eval_violations: list[Violation] | None = None,
+    fresh: Callable[[], Built] | None = None,
+    base: legality.Pass | None = None,
 ) -> list[legality.ProbeResult]:
     """The future and normalisation probes of a stack's evaluation on its artifact, in one
-    process on ``runtime``'s device (:mod:`.legality`)."""
+    process on ``runtime``'s device (:mod:`.legality`); ``fresh``: the run's factory of builds
+    (:func:`artifact_builds`), which has read the artifact already; ``base``: what the run's
+    evaluation recorded of the unchanged stream (:class:`~.legality.Recorder`)."""
     single = legality.single_process(runtime)
-    seq_len = eval_seq_len(rs.stack)
-    sites = Dispatcher([r.instantiate(rs.spec) for r in rs.techniques])
-    scorer = sites.filler("scorer")
-    suggested: list[int] = []
-    if scorer is not None and "probe_points" in scorer.hooks:
-        got = scorer.call(
-            "probe_points", n_targets=stream.numel() - 1, seq_len=seq_len, stream=stream.to(torch.int64)
-        )
-        suggested = [int(k) for k in got]
+    switches = eval_switches(Dispatcher([r.instantiate(rs.spec) for r in rs.techniques]))
     future, norm = legality.future_and_normalisation(
-        artifact_builds(rs, artifact, single, rs.stack.seed), stream, single, seq_len=seq_len,
-        batch_tokens=rs.stack.eval.batch_tokens, switches=eval_switches(sites),
-        vocab_size=rs.stack.model.vocab_size, seed=rs.stack.seed, suggested=suggested,
-        eval_violations=eval_violations,
+        fresh or artifact_builds(rs, artifact, single, rs.stack.seed), stream, single, probe_plan(rs, stream),
+        seq_len=eval_seq_len(rs.stack), batch_tokens=rs.stack.eval.batch_tokens, switches=switches,
+        vocab_size=rs.stack.model.vocab_size, seed=rs.stack.seed, base=base, eval_violations=eval_violations,
     )  # fmt: skip
     return [future, norm]
 
@@ -450,6 +503,8 @@ def check_legality(
     final: EvalResult,
     watch: data.FileWatch | None,
     prov: Provenance | None,
+    fresh: Callable[[], Built] | None = None,
+    recorder: legality.Recorder | None = None,
 ) -> legality.Legality:
     """Every probe of a finished run (the artifact probes on the first process only)."""
     t0 = time.perf_counter()
@@ -459,7 +514,8 @@ def check_legality(
         legality.provenance_probe(prov),
     ]
     if runtime.is_main:
-        probes += probe_artifact(rs, artifact, runtime, stream, final.violations)
+        base = recorder.result() if recorder is not None else None
+        probes += probe_artifact(rs, artifact, runtime, stream, final.violations, fresh, base)
     runtime.barrier()
     return legality.assess(probes, time.perf_counter() - t0)
 
@@ -650,9 +706,14 @@ def _run(
     model_bytes = artifact.stat().st_size
     scoring = f"scoring the reloaded artifact on {val_tokens.numel() - 1:,} tokens"
     with Phase(phases, "evaluation", runtime), Ticker(console if main else None, scoring):
-        final = score_artifact(rs, artifact, runtime, source, validation=(val_tokens, lut))
+        fresh = artifact_builds(rs, artifact, runtime, stack.seed)  # read once: scoring and the probes
+        recorder = probe_recorder(rs, val_tokens) if not runtime.distributed else None
+        final = score_artifact(rs, artifact, runtime, source, validation=(val_tokens, lut), fresh=fresh,
+                               inspect=recorder)  # fmt: skip
     with Ticker(console if main else None, "legality probes (future, normalisation, data, provenance)"):
-        legal = check_legality(rs, artifact, runtime, val_tokens, final, watch, source.provenance)
+        legal = check_legality(
+            rs, artifact, runtime, val_tokens, final, watch, source.provenance, fresh, recorder
+        )
     training_side = sum(phases[k] for k in ("train", "finalize", "calibration", "export"))
     cap = stack.train.max_wallclock_seconds
     over = cap > 0 and training_side > cap

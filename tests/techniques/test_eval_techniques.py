@@ -153,3 +153,27 @@ def test_ttt_learns_a_repeated_text() -> None:
     plain, adapted = score(model(), stream, ttt(epochs=0)), score(model(), stream, ttt())
     assert math.isclose(float(plain[:48].sum()), float(adapted[:48].sum()), rel_tol=1e-6)
     assert adapted[48:].mean() < plain[48:].mean() - 0.1
+
+
+def test_ttt_adapts_the_selected_blocks_beyond_the_frozen_ones_and_everything_outside_blocks() -> None:
+    from pgolf.registry import LayerSelector
+    from pgolf.techniques.score_first_ttt import adapted_parameters
+
+    m = GPT(small_spec(num_layers=3, vocab_size=V))
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    block = [ids(b.parameters()) for b in m.blocks]
+    outside = ids(m.parameters()) - set().union(*block)
+    got = ids(adapted_parameters(m, LayerSelector.parse([1, 2]), freeze_blocks=2))
+    assert got == block[2] | outside
+    assert ids(adapted_parameters(m, LayerSelector.parse("all"), 0)) == ids(m.parameters())
+
+
+def test_ttt_with_adamw_learns_and_differs_from_sgd() -> None:
+    block = torch.randint(0, V, (48,))
+    stream = torch.cat([block, block, block, block[:1]])
+    plain = score(model(), stream, ttt(epochs=0))
+    adam = score(model(), stream, ttt(optimizer="adamw", lr=0.01, momentum=0.9))
+    sgd = score(model(), stream, ttt())
+    assert adam[48:].mean() < plain[48:].mean() - 0.1
+    assert not torch.allclose(adam[48:], sgd[48:])
+    assert ttt().probe_points(n_targets=200) == [47, 48, 72]
