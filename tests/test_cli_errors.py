@@ -119,6 +119,13 @@ CASES: dict[str, dict[str, Case]] = {
                             "malformed YAML"),
         "unwritable": (lambda e: ["eval", e.run_dir(), "--dump-nll", str(e.ro / "nll.npy")], "cannot write in"),
     },
+    "audit": {
+        "missing": (lambda e: ["audit", e.missing("nope")], "is not a run folder"),
+        "malformed": (lambda e: ["audit", e.run_dir(lambda d: (d / "result.json").write_text("{oops"))],
+                      "unreadable result"),
+        "malformed stack": (lambda e: ["audit", e.run_dir(lambda d: (d / "stack.yaml").write_text(MALFORMED_YAML))],
+                            "malformed YAML"),
+    },
     "techniques": {
         "missing": (lambda e: ["techniques", "no_such_technique"], "unknown technique"),
     },
@@ -175,7 +182,7 @@ def test_bad_input_is_one_message_and_exit_2(
     verb: str, case: str, tmp_path: Path, cache_dir: Path, request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    run_dir = request.getfixturevalue("finished_run") if verb == "eval" else None
+    run_dir = request.getfixturevalue("finished_run") if verb in ("eval", "audit") else None
     env = Env(tmp_path, cache_dir, run_dir)
     make, expected = CASES[verb][case]
     argv = make(env)
