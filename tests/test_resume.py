@@ -88,8 +88,10 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(
         if proc.poll() is None:
             proc.kill()
     assert partial.is_dir() and not out.exists()
-    step = C.load(partial / "checkpoint.pt")["train_state"]["step"]
+    saved = C.load(partial / "checkpoint.pt")
+    step = saved["train_state"]["step"]
     assert 20 <= step < 60
+    assert saved["shards_opened"] and saved["validation_opened"] == {}  # what the data probe has seen so far
 
     # starting it again without --resume points at --resume
     assert main(["run", str(f), "--out", str(out)]) == 2
@@ -103,6 +105,10 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(
     assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]] == [15, 30, 45, 60]
     assert [p["step"] for p in b["train_history"]] == [p["step"] for p in a["train_history"]]
     assert f"resumed from step {step}" in (out / "run.log").read_text()
+    assert b["legal"] is True and b["legality"]["probes"]["data"]["passed"] is True
+    assert (
+        b["legality"]["probes"]["data"]["shards_opened"] == a["legality"]["probes"]["data"]["shards_opened"]
+    )
 
 
 def test_resume_refuses_what_it_cannot_continue(

@@ -651,6 +651,8 @@ def _run(
         return r.val_loss, r.val_bpb
 
     if saved is not None:
+        watch.shards.update(saved.get("shards_opened", {}))
+        watch.validation_opened.update(saved.get("validation_opened", {}))
         log(
             f"resumed from step {saved['train_state']['step']} ({saved['train_state']['elapsed']:.1f}s of training)"
         )
@@ -669,7 +671,12 @@ def _run(
             runtime.world_size,
             checkpoint.stack_sha256(out_dir) if main else "",
             stack.train.checkpoint_minutes,
-            extra=lambda: {"train_history": list(bar.points)},
+            # the shards opened before a checkpoint count for the data probe of the resumed run
+            extra=lambda: {
+                "train_history": list(bar.points),
+                "shards_opened": dict(watch.shards),
+                "validation_opened": dict(watch.validation_opened),
+            },
             log=log,
         )
         tres = trainer.run(
