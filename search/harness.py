@@ -299,8 +299,10 @@ class StudyRunner:
         value: float | None = None,
         constraint: float | None = None,
         size: int | None = None,
+        legal: bool | None = None,
     ) -> None:
-        """Tell Optuna a trial's end (a no-op when Optuna already knows it)."""
+        """Tell Optuna a trial's end (a no-op when Optuna already knows it). An illegal run
+        (``legal`` False: a legality probe failed) is infeasible, so best_trial never picks it."""
         trial = self.live.get(number)
         if trial is None:  # a trial of an earlier session (resume)
             frozen = self.study.get_trials(deepcopy=False)[number]
@@ -309,6 +311,8 @@ class StudyRunner:
             trial = optuna.trial.Trial(self.study, frozen._trial_id)
         if constraint is not None:
             trial.set_constraint("artifact_bytes", constraint)
+        if legal is not None:
+            trial.set_constraint("legal", 0.0 if legal else 1.0)
         if state == TrialState.COMPLETE and value is not None and math.isfinite(value):
             if self.multi:
                 self.study.tell(trial, [value, float(size if size is not None else math.inf)])
@@ -523,7 +527,7 @@ class StudyRunner:
             "stack": rs.to_dict(),
             "gain_at_end": gain_at_end,
             "legality": legality,
-            "legal": not any("needs_review" in t for t in legality.values()),
+            "legal": not any({"needs_review", "illegal"} & set(t) for t in legality.values()),
             "run_dir": rel_path(run_dir, self.dir),
             "seeds": self.seeds,
             "reference": reference,
@@ -631,7 +635,7 @@ class StudyRunner:
                 )
             for k in ("val_bpb", "val_loss", "val_bpb_std", "val_loss_std", "artifact_bytes", "model_bytes",
                       "code_bytes", "fits", "params_count", "steps", "tokens_per_second", "train_seconds",
-                      "objective", "n_seeds"):  # fmt: skip
+                      "objective", "n_seeds", "legal", "legal_reasons"):  # fmt: skip
                 if k in result:
                     ev[k] = result[k]
             est = rec.get("estimate") or {}
@@ -673,6 +677,7 @@ class StudyRunner:
                 value=rec.get("objective"),
                 constraint=self.violation(int(size)) if size is not None else None,
                 size=size,
+                legal=rec.get("legal"),
             )
         elif state == "stopped":
             est = rec.get("estimated_bytes")
@@ -1183,6 +1188,8 @@ def warm_start(runner: StudyRunner) -> list[str]:
             attrs = {"pgolf_state": "imported", "imported_from": f"{p} {row.name}", "artifact_bytes": size,
                      "val_bpb": row.val_bpb}  # fmt: skip
             system = {"constraints:artifact_bytes": runner.violation(size) if size else 1.0}
+            if row.legal is False:  # an illegal run stays infeasible for the sampler
+                system["constraints:legal"] = 1.0
             if row.state == "complete" and row.objective is not None and math.isfinite(row.objective):
                 values = [row.objective, float(size or math.inf)] if runner.multi else [row.objective]
                 t = optuna.trial.create_trial(

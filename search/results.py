@@ -31,7 +31,7 @@ HARNESS_KEYS = {"name", "seed", "train.threads", "export.artifact_limit", "plugi
 
 CSV_COLUMNS = [
     "rank", "trial", "state", "val_bpb", "val_loss", "val_bpb_std", "artifact_bytes", "estimated_bytes",
-    "estimate_error_bytes", "fits", "legal", "params", "tokens_per_second", "steps", "train_seconds",
+    "estimate_error_bytes", "fits", "legal", "legal_reasons", "params", "tokens_per_second", "steps", "train_seconds",
     "seeds", "changes", "point", "error", "run_dir",
 ]  # fmt: skip
 
@@ -50,6 +50,7 @@ class TrialRow:
     estimate_error_bytes: int | None = None
     fits: bool | None = None
     legal: bool | None = None
+    legal_reasons: list[str] = field(default_factory=list)  # the failed probes' messages
     params: int | None = None
     tokens_per_second: float | None = None
     steps: float | None = None
@@ -85,7 +86,11 @@ class Study:
     rows: list[TrialRow]
 
     def best(self) -> TrialRow | None:
-        ok = [r for r in self.rows if r.state == "complete" and r.fits and _finite(r.objective)]
+        ok = [
+            r
+            for r in self.rows
+            if r.state == "complete" and r.fits and r.legal is not False and _finite(r.objective)
+        ]
         return min(ok, key=lambda r: r.objective or math.inf) if ok else None
 
 
@@ -169,6 +174,7 @@ def _row(n: int, rec: Mapping[str, Any], base: Mapping[str, Any]) -> TrialRow:
         estimate_error_bytes=rec.get("estimate_error_bytes"),
         fits=rec.get("fits"),
         legal=rec.get("legal"),
+        legal_reasons=[str(x) for x in rec.get("legal_reasons") or ()],
         params=rec.get("params_count"),
         tokens_per_second=rec.get("tokens_per_second"),
         steps=rec.get("steps"),
@@ -197,12 +203,19 @@ STATE_ORDER = {
 
 
 def rank(rows: Sequence[TrialRow]) -> list[TrialRow]:
-    """Complete trials by objective (lower first), then stopped ones by their last score, then
-    the rest by state and number. Only complete trials get a rank."""
+    """Complete trials by objective (lower first; an illegal one after every legal one), then
+    stopped ones by their last score, then the rest by state and number. Only complete trials
+    get a rank."""
 
-    def key(r: TrialRow) -> tuple[int, float, int]:
+    def key(r: TrialRow) -> tuple[int, bool, float, int]:
         score = float(r.objective) if r.objective is not None and _finite(r.objective) else math.inf
-        return STATE_ORDER.get(r.state, 9), score if r.state in ("complete", "stopped") else 0.0, r.number
+        illegal = r.state == "complete" and r.legal is False
+        return (
+            STATE_ORDER.get(r.state, 9),
+            illegal,
+            score if r.state in ("complete", "stopped") else 0.0,
+            r.number,
+        )
 
     out = sorted(rows, key=key)
     k = 0
@@ -265,6 +278,8 @@ def table(study: Study, top: int | None = None) -> Table:
             if r.state in ("complete", "stopped") or not r.error
             else f"{r.changes}  [{_shorten(r.error, 60)}]"
         )
+        if r.legal is False and r.legal_reasons:
+            note = f"{note}  [not legal: {_shorten(r.legal_reasons[0], 80)}]"
         style = "" if r.state == "complete" else "dim"
         bpb = _f(r.val_bpb, ".4f")
         if bpb and len(r.seeds) > 1 and r.val_bpb_std is not None:
@@ -312,7 +327,11 @@ def footer(study: Study) -> list[str]:
             f"{len(errs)} trials; {worst}"
         )
     if any(r.legal is not None for r in study.rows):
-        lines.append("legal: no technique in the stack is tagged needs_review (legality probes are not run)")
+        lines.append(
+            "legal: a trained trial passed every legality probe (future, normalisation, data, provenance, tags); "
+            "an illegal one ranks after every legal one and is never best (before training: no technique is "
+            "tagged illegal or needs_review)"
+        )
     best = study.best()
     if best is not None:
         lines.append(
@@ -330,7 +349,8 @@ def write_csv(study: Study, path: Path) -> None:
         w.writerow([
             r.rank if r.rank is not None else "", r.name, r.state, _f(r.val_bpb, ".6f"), _f(r.val_loss, ".6f"),
             _f(r.val_bpb_std, ".6f"), _f(r.artifact_bytes, "d"), _f(r.estimated_bytes, "d"),
-            _f(r.estimate_error_bytes, "d"), _yes(r.fits), _yes(r.legal), _f(r.params, "d"),
+            _f(r.estimate_error_bytes, "d"), _yes(r.fits), _yes(r.legal), " | ".join(r.legal_reasons),
+            _f(r.params, "d"),
             _f(r.tokens_per_second, ".1f"), _f(r.steps, "g"), _f(r.train_seconds, ".2f"),
             " ".join(map(str, r.seeds)), r.changes, json.dumps(r.point, sort_keys=True), r.error, r.run_dir,
         ])  # fmt: skip

@@ -82,7 +82,18 @@ def summarize(results: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "train_seconds": mean("train_seconds"),
         "n_seeds": len(results),
         "objective": mean(metric),
+        **verdict(results),
     }
+
+
+def verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A trial is legal when every seed's run passed every legality probe; the reasons of the
+    others, each once. Runs that recorded no verdict (re-scored artifacts) leave it out."""
+    recorded = [r for r in results if isinstance(r.get("legal"), bool)]
+    if not recorded:
+        return {}
+    reasons = list(dict.fromkeys(x for r in recorded for x in r.get("legal_reasons") or ()))
+    return {"legal": all(r["legal"] for r in recorded), "legal_reasons": reasons}
 
 
 def check_finite(res: Mapping[str, Any], what: str) -> None:

@@ -306,3 +306,16 @@ def test_a_queued_point_is_launched_first_whatever_order_estimates_finish_in(run
     cfg = runner.next_config()
     assert cfg is not None and cfg["number"] == 1  # the queued point, though the fresh one finished first
     assert runner.records[0]["state"] == "infeasible"
+
+
+def test_an_illegal_run_is_infeasible_for_optuna_and_recorded_with_its_reasons(runner: Any) -> None:
+    a = runner.next_config()["number"]
+    b = runner.next_config()["number"]
+    why = "future probe: changing the tokens after position 180 changed the distribution at position 180"
+    runner.finish(a, {**_final(2.0), "legal": False, "legal_reasons": [why]}, error=False)  # the better score
+    runner.finish(b, {**_final(2.5), "legal": True, "legal_reasons": []}, error=False)
+    rec = runner.ledger.records()[a]
+    assert rec["legal"] is False and rec["legal_reasons"] == [why]
+    assert _frozen(runner, a).constraints["legal"] == 1.0 and _frozen(runner, b).constraints["legal"] == 0.0
+    assert _frozen(runner, a).user_attrs["legal"] is False
+    assert runner.study.best_trial.number == b  # Optuna never picks the illegal one

@@ -287,3 +287,34 @@ def test_history_plot_and_relative_run_dirs(study_dir: Path, tmp_path: Path) -> 
     led.append({"number": 0, "run_dir": "trials/t0000"})  # as the harness now stores it
     row = next(r for r in load_study(moved).rows if r.number == 0)
     assert row.run_path(moved) == moved / "trials" / "t0000"
+
+
+def test_an_illegal_trial_ranks_after_every_legal_one_and_says_why(study_dir: Path) -> None:
+    reason = "normalisation probe: technique 'hashed_ngram_cache' ... sums to 3.2 at position 17"
+    Ledger(study_dir / "trials.jsonl").append(
+        {"number": 1, "legal": False, "legal_reasons": [reason]}  # t0001: the best that fits, but illegal
+    )
+    study = load_study(study_dir)
+    ranked = [(r.name, r.rank, r.legal) for r in study.rows[:5]]
+    assert ranked == [("t0003", 1, True), ("t0000", 2, True), ("t0006", 3, True), ("t0002", 4, True),
+                      ("t0001", 5, False)]  # fmt: skip
+    best = study.best()
+    assert best is not None and best.name == "t0000"  # the legal trial that fits with the lowest score
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(table(study))
+    assert "not legal: normalisation probe" in console.export_text()
+    rows = {r["trial"]: r for r in csv.DictReader(io.StringIO(write_all(study).csv.read_text()))}
+    assert rows["t0001"]["legal"] == "NO" and rows["t0001"]["legal_reasons"] == reason
+
+
+def test_a_trial_is_legal_only_when_every_seeds_run_is() -> None:
+    from pgolf.search.trainable import verdict
+
+    ok = {"legal": True, "legal_reasons": []}
+    bad = {
+        "legal": False,
+        "legal_reasons": ["data probe: validation shard fineweb_val_000000.bin was opened"],
+    }
+    assert verdict([ok, ok]) == {"legal": True, "legal_reasons": []}
+    assert verdict([ok, bad, bad]) == {"legal": False, "legal_reasons": bad["legal_reasons"]}
+    assert verdict([{"val_bpb": 1.0}]) == {}  # a re-scored artifact records no verdict
