@@ -1,4 +1,5 @@
-"""The search commands of the ``pgolf`` CLI: ``search``, ``results``, ``repeat``, ``compare``.
+"""The search commands of the ``pgolf`` CLI: ``search``, ``results``, ``repeat``, ``compare``,
+``ablate``.
 
 Importing this module imports neither Ray nor Optuna (a GPU box may lack them, and ``pgolf
 run`` must not pay for them): ``pgolf search`` imports the harness inside its command.
@@ -265,6 +266,130 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK if c.bar_met else EXIT_VERDICT_NO
 
 
+def _ablation_report(study_dir: Path, *, quiet: bool = False) -> int:
+    from .ablate import footer, report, table, write_all
+
+    rep = report(study_dir)
+    written = write_all(rep)
+    if quiet:
+        return 0
+    console.print(table(rep))
+    for line in footer(rep):
+        console.print(line, markup=False)
+    console.print(f"wrote {written.csv}, {written.json}, {written.png}", markup=False)
+    return 0
+
+
+def _technique_list(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    names = [t for t in text.replace(",", " ").split() if t]
+    if not names:
+        raise PgolfError(f"--techniques {text!r}: expected technique names like xsa,ema")
+    return names
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from pgolf.registry.api.config import load_stack
+
+    from .ablate import ABLATION_FILE, plan, read_plan, search_dict
+    from .ledger import LEDGER_NAME
+    from .spec import search_from_dict
+
+    if args.resume and args.stack:
+        raise PgolfError("give a stack or --resume DIR, not both (an ablation keeps its own plan)")
+    if not args.resume and not args.stack:
+        raise PgolfError("give a stack (pgolf ablate STACK.yaml) or --resume DIR")
+    if args.resume:
+        study_dir = Path(args.resume)
+        p = read_plan(study_dir)
+        from .harness import load_study_spec
+
+        loaded = load_study_spec(study_dir, args.set_search)
+        if args.set:
+            raise PgolfError("--set changes the stack, which an existing ablation keeps; start a new one")
+    else:
+        if args.set_search:
+            raise PgolfError(
+                "--set-search applies to --resume (budget and resources of an existing ablation)"
+            )
+        rs = load_stack(args.stack, args.set)
+        if args.seed_list or args.seeds is not None:
+            seeds = _seed_list(args)
+        else:
+            seeds = list(range(args.first_seed, args.first_seed + 3))
+        p = plan(
+            rs,
+            seeds=seeds,
+            techniques=_technique_list(args.techniques),
+            add_one_in=args.add_one_in,
+            step_matched=args.step_matched,
+            source=args.stack,
+        )
+        gpus = args.gpus
+        if gpus is None:
+            import torch
+
+            gpus = 1.0 if torch.cuda.is_available() else 0.0
+        data = search_dict(
+            rs, p, gpus=gpus, cpus=args.cpus, max_concurrent=args.max_concurrent,
+            timeout_seconds=args.timeout, size_workers=args.size_workers,
+        )  # fmt: skip
+        loaded = search_from_dict(data, source=args.stack, base_dir=Path(args.stack).resolve().parent)
+        study_dir = Path(args.out) if args.out else _study_out(loaded.name)
+        if study_dir.exists() and any(study_dir.iterdir()):
+            raise PgolfError(
+                f"--out {str(study_dir)!r} already exists and is not empty; continue it with "
+                f"--resume {study_dir} or choose another folder"
+            )
+        from pgolf.registry.tools.cli import check_writable
+
+        check_writable(study_dir, "--out", folder=True)
+    from .ablate_run import run_ablation
+
+    points = len(p.points())
+    if not args.quiet:
+        console.print(
+            f"[bold]ablation[/bold] {study_dir}  ({'resumed' if args.resume else 'new'}; "
+            f"{len(p.variants)} variants of {p.stack_name} in {points} trials × {len(p.seeds)} seeds, "
+            f"limit {loaded.spec.constraint.artifact_bytes:,} bytes"
+            + (", step-matched" if p.step_matched else "")
+            + ")"
+        )
+    created = not study_dir.exists()
+    if not args.resume:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        p.write(study_dir)
+    try:
+        summary = run_ablation(
+            loaded, study_dir, address=args.address, resume=bool(args.resume),
+            console=None if args.quiet else console, quiet=args.quiet,
+        )  # fmt: skip
+    except BaseException:
+        if not args.resume and not (study_dir / LEDGER_NAME).exists():  # nothing ran: leave nothing
+            (study_dir / ABLATION_FILE).unlink(missing_ok=True)
+            if created and study_dir.is_dir() and not any(study_dir.iterdir()):
+                study_dir.rmdir()
+        raise
+    _results(study_dir, quiet=True)
+    _ablation_report(study_dir, quiet=args.quiet)
+    code = int(summary.get("exit_code") or 0)
+    if code:
+        console.print(
+            f"[yellow]stopped by {summary.get('signal')}: every finished variant is in the ledger. "
+            f"Continue with: pgolf ablate --resume {study_dir}[/yellow]"
+        )
+        return code
+    if summary.get("halt"):
+        console.print(f"[yellow]{escape(str(summary['halt']))}[/yellow]")
+        return EXIT_RUN_FAILED
+    if summary.get("trained") == 0 and summary.get("ran"):
+        raise PgolfError(
+            f"no variant was trained: every one was invalid or over the size limit (see {study_dir / 'trials.jsonl'})"
+        )
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register ``search``, ``results``, ``repeat`` and ``compare`` on the pgolf sub-parsers."""
     from pgolf.registry.tools.cli import add_set_argument
@@ -315,6 +440,56 @@ def add_commands(sub: Any) -> None:
         help="Optuna's parameter importance over the complete trials",
     )
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser(
+        "ablate",
+        help="leave-one-out (and add-one-in) over a stack's techniques, on seeds, with the Welch test",
+        description="Train the stack and the stack without each of its techniques (with --add-one-in also "
+        "the bare base and the base with each technique) on the same seeds, through the search "
+        "harness (every variant sized first; one trial per GPU; --resume after a kill), and compare "
+        "each with its reference by the one-sided Welch test in nats against the challenge bar. "
+        "Writes ablation.csv, ablation_results.json and ablation.png into the study folder. See "
+        "docs/ablate.md.",
+    )
+    p.add_argument("stack", nargs="?", help="stack YAML file")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3): first-seed, first-seed+1, ...")
+    p.add_argument("--first-seed", type=int, default=1337)
+    p.add_argument("--seed-list", help="explicit seeds, e.g. 1337,42,7")
+    p.add_argument(
+        "--step-matched",
+        action="store_true",
+        help="stop each seed of every variant at the full stack's step count on that seed (no wall-clock cap)",
+    )
+    p.add_argument(
+        "--add-one-in", action="store_true", help="also the base without the techniques, plus each one alone"
+    )
+    p.add_argument("--techniques", help="ablate only these (comma-separated; default: every technique named)")
+    add_set_argument(p)
+    p.add_argument("--out", help="study folder (default studies/ablate-<stack>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the ablation in DIR; finished variants are kept")
+    p.add_argument(
+        "--set-search",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --resume: change resources (trial.cpus=2, search.max_concurrent=4)",
+    )
+    p.add_argument("--gpus", type=float, help="GPUs per trial (default 1 when CUDA is available, else 0)")
+    p.add_argument(
+        "--cpus", type=float, default=1.0, help="CPUs per trial, also its torch threads (default 1)"
+    )
+    p.add_argument(
+        "--max-concurrent", type=int, help="trials at once (default: as many as the GPUs/CPUs allow)"
+    )
+    p.add_argument(
+        "--size-workers", type=int, default=2, help="size estimates at once (default 2; 0 = inline)"
+    )
+    p.add_argument(
+        "--timeout", type=float, help="hard limit on a variant's wall-clock in seconds (all seeds)"
+    )
+    p.add_argument("--address", help="join a running Ray cluster (see pgolf search --address)")
+    p.add_argument("--quiet", action="store_true", help="no live table; the table files are still written")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("repeat", help="run one stack on several seeds (for pgolf compare)")
     p.add_argument("stack", help="stack YAML file")

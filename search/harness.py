@@ -223,6 +223,8 @@ class StudyRunner:
         self.jobs: dict[int, sizing.Job] = {}
         self.rejected_in_a_row = 0
         self.to_launch = self.spec.search.num_samples
+        self.points_only = self.spec.search.points_only
+        self.exhausted = False  # points_only: every queued point has been asked for
         self._data_checked: set[str] = set()
         self.sizing_seconds = 0.0  # driver time spent deciding sizes (not the parallel jobs)
         self.stop: StopSignal | None = None
@@ -346,13 +348,30 @@ class StudyRunner:
             all(point.get(k) == v for k, v in ref.items()) for ref in self.spec.search.start_with if ref
         )
 
+    def point_text(self, point: Mapping[str, Any]) -> str:
+        """How a point is shown in the live table and the ledger."""
+        return space_mod.describe_point(point)
+
+    def queued(self) -> int:
+        """Points queued in Optuna (start_with, re-queued on resume) and not yet asked for."""
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    def budget(self) -> int:
+        """Trials still to launch: ``num_samples`` less those trained; with ``points_only`` at
+        most the points still queued."""
+        left = max(self.spec.search.num_samples - self.trained(), 0)
+        return min(left, self.queued()) if self.points_only else left
+
     def _sample_one(self) -> None:
         """Ask Optuna for one point and push it through the fast part of the gate."""
         t0 = time.perf_counter()
+        if self.points_only and not self.queued():  # never sample: the points are the study
+            self.exhausted = True
+            return
         ot = self.study.ask()
         n = ot.number
         point = space_mod.sample(self.loaded.dims, ot)
-        text = space_mod.describe_point(point)
+        text = self.point_text(point)
         try:
             rs = stack_from_dict(self.trial_stack_data(point, n), source=f"trial t{n:04d}", base_dir=self.dir)
             smp = Sample(ot, point, text, rs)
@@ -430,9 +449,13 @@ class StudyRunner:
         with at most that many estimates in flight."""
         self._collect(wait)
         workers = max(1, self.spec.search.size_workers)
-        want = min(self.to_launch, workers if self.sizer.parallel else 1)
-        while not self.gave_up and len(self.ready) < want and len(self.pending) < workers:
-            if self.rejected_in_a_row >= self.spec.search.max_resample:
+        # points_only: every point will be trained, so size them all ahead (a point held back,
+        # e.g. behind pgolf ablate's full stack, must not keep the others from being asked for)
+        want = (
+            self.to_launch if self.points_only else min(self.to_launch, workers if self.sizer.parallel else 1)
+        )
+        while not (self.gave_up or self.exhausted) and len(self.ready) < want and len(self.pending) < workers:
+            if self.rejected_in_a_row >= self.spec.search.max_resample and not self.points_only:
                 self.gave_up = True
                 break
             self._sample_one()
@@ -450,15 +473,22 @@ class StudyRunner:
             if smp is not None:
                 self.to_launch -= 1
                 return self._launch(smp)
-            if not self.pending:
-                if self.gave_up or self.rejected_in_a_row >= self.spec.search.max_resample:
+            if not self.pending and not self.ready:
+                if self.exhausted:  # points_only: every point launched or rejected
+                    return None
+                if self.gave_up or (
+                    self.rejected_in_a_row >= self.spec.search.max_resample and not self.points_only
+                ):
                     self.gave_up = True
                     return None
                 continue  # instant rejections only: sample again
             left = deadline - time.perf_counter()
             if left <= 0:
                 return NOT_READY
-            self._collect(min(left, 0.5))
+            if self.pending:
+                self._collect(min(left, 0.5))
+            else:  # sized samples held back by _next_ready: wait, do not spin
+                time.sleep(min(left, 0.5))
 
     def _next_ready(self) -> Sample | None:
         """The sample to launch: queued points first, in order; a fresh sample waits while a
@@ -512,6 +542,14 @@ class StudyRunner:
             ot.number, state, text + how, est.total if est else None, shorten(note) if note else ""
         )
 
+    def summary_extras(self) -> dict[str, Any]:
+        """Keys added to :func:`run_search`'s summary."""
+        return {}
+
+    def launch_extras(self, smp: Sample) -> dict[str, Any]:
+        """Keys added to a launched trial's ledger event and to its trainable config."""
+        return {}
+
     def _launch(self, smp: Sample) -> dict[str, Any]:
         ot, point, text, rs, est = smp.ot, smp.point, smp.text, smp.rs, smp.est
         n = ot.number
@@ -534,11 +572,18 @@ class StudyRunner:
         }
         if est is not None:
             ev.update(estimate=est.to_dict(), estimated_bytes=est.total)
+        extras = self.launch_extras(smp)
+        ev.update(extras)
         self.ledger.append(ev)
         self.records[n] = {**ev, "finished_events": 0}
         self.live[n] = ot
         self.set_attrs(n, self._attrs_of(ev))
-        notes = [s for s, on in (("gain_at_end: not cut early", gain_at_end), ("reference", reference)) if on]
+        cuts = self.spec.search.scheduler == "asha" and not self.loaded.eval_only  # FIFO cuts nothing
+        notes = [
+            s
+            for s, on in (("gain_at_end: not cut early", gain_at_end and cuts), ("reference", reference))
+            if on
+        ]
         self.display.started(
             n, text + (f"  ({'; '.join(notes)})" if notes else ""), est.total if est else None
         )
@@ -554,6 +599,7 @@ class StudyRunner:
         }
         if self.loaded.eval_only:
             cfg.update(mode="eval", runs=[str(r) for r in self.loaded.eval_runs], point=point)
+        cfg.update(extras)
         return cfg
 
     def leftovers(self) -> int:
@@ -757,16 +803,23 @@ class StudyRunner:
                 self._tell_finished(n, rec)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number not in self.records:  # sampled, but the driver died before sizing it
+                fixed = t.system_attrs.get("fixed_params")
                 ev = {
                     "number": t.number,
                     "state": "interrupted",
                     "point": {},
-                    "error": "sampled but not started when the search stopped",
+                    "error": "sampled but not started when the search stopped"
+                    + ("; its queued point is queued again" if fixed else ""),
                 }
                 self.ledger.append(ev)
                 self.records[t.number] = {**ev, "finished_events": 1}
                 self.storage.set_trial_user_attr(t._trial_id, "pgolf_state", "interrupted")
                 self.study.tell(t.number, state=TrialState.FAIL)
+                if fixed:  # a start_with point (or one queued on an earlier resume) is never lost
+                    self.study.enqueue_trial(dict(fixed))
+                    notes.append(
+                        f"t{t.number:04d} was being sized when the search stopped: its point is queued again"
+                    )
         return notes
 
     def trained(self) -> int:
@@ -1238,15 +1291,19 @@ def run_search(
     resume: bool = False,
     console: Console | None = None,
     quiet: bool = False,
+    runner_cls: type[StudyRunner] | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a study in ``study_dir``; returns a summary dict (``exit_code`` 130 or
     143 when a signal stopped it). A new study that fails before its first sample (storage,
-    Ray, data) leaves nothing behind."""
+    Ray, data) leaves nothing behind. ``runner_cls``: a :class:`StudyRunner` subclass that
+    decides more (``pgolf ablate``'s)."""
     made = _Made(not study_dir.exists(), [])
     study_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _study_lock(study_dir), _Quiet():
-            return _run_search(loaded, study_dir, address, resume, console, quiet, made)
+            return _run_search(
+                loaded, study_dir, address, resume, console, quiet, made, runner_cls or StudyRunner
+            )
     except BaseException:
         if not resume and not (study_dir / LEDGER_NAME).exists():
             if made.dir_created:
@@ -1265,6 +1322,7 @@ def _run_search(
     console: Console | None,
     quiet: bool,
     made: _Made,
+    runner_cls: type[StudyRunner],
 ) -> dict[str, Any]:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     if resume and loaded.extra.get("overrides"):  # a new budget: the next --resume must see it too
@@ -1274,7 +1332,7 @@ def _run_search(
             f"{head}\n# changed on resume ({stamp}): {' '.join(loaded.extra['overrides'])}\n"
             + loaded.resolved_yaml(storage=redact(loaded.spec.storage) if loaded.spec.storage else None)
         )
-    runner = StudyRunner(loaded, study_dir, console=console, quiet=quiet, resume=resume)  # opens the storage
+    runner = runner_cls(loaded, study_dir, console=console, quiet=quiet, resume=resume)  # opens the storage
     notes: list[str] = []
     if not resume:
         made.files += [study_dir / SEARCH_FILE, study_dir / BASE_STACK_FILE, study_dir / SECRET_FILE]
@@ -1287,8 +1345,8 @@ def _run_search(
             runner.study.enqueue_trial(space_mod.encode_point(loaded.dims, point))
     else:
         notes += runner.reconcile()
-    remaining = loaded.spec.search.num_samples - runner.trained()
-    runner.to_launch = max(remaining, 0)
+    remaining = runner.budget()
+    runner.to_launch = remaining
     runner.display.resume_from(runner.records)
     summary: dict[str, Any] = {"study_dir": str(study_dir), "notes": notes, "ran": 0, "exit_code": 0}
     confirm_left = _confirm_pending(runner)
@@ -1343,6 +1401,7 @@ def _run_search(
         signal=signal.Signals(stop.received).name if stop.received else None,
         sizing=dict(runner.gate.counts),
         sizing_seconds=runner.sizing_seconds,
+        **runner.summary_extras(),
     )
     return summary
 

@@ -117,6 +117,11 @@ class SearchSection(_Section):
     )
     max_resample: int = Field(50, ge=1, description="rejected samples in a row before the search gives up")
     start_with: list[dict[str, Any]] = Field(default_factory=list, description="points evaluated first")
+    points_only: bool = Field(
+        False,
+        description="train exactly the start_with points, in order, each once: nothing is sampled, "
+        "and a point the size gate rejects is reported, not replaced (pgolf ablate's studies)",
+    )
     size_workers: int = Field(
         2, ge=0, description="size estimates computed at once as Ray tasks; 0 = one at a time in the driver"
     )
@@ -468,6 +473,35 @@ def check_start_with(
     return problems
 
 
+def check_points_only(
+    points: Sequence[Mapping[str, Any]], dims: Sequence[Dim], failed: Iterable[str] = ()
+) -> list[tuple[str, str]]:
+    """``search.points_only``: there must be points, and each must set every space key (a key
+    it left out would be sampled)."""
+    if not points:
+        return [("search.points_only", "needs the points to train in search.start_with")]
+    skip = set(failed)
+    problems: list[tuple[str, str]] = []
+    for i, point in enumerate(points):
+        on = {d.technique: point.get(d.key) for d in dims if d.is_toggle}
+        missing = [
+            d.key
+            for d in dims
+            if d.key not in point
+            and d.key not in skip
+            and not (not d.is_toggle and d.technique is not None and on.get(d.technique) is False)
+        ]
+        if missing:
+            problems.append(
+                (
+                    f"search.start_with[{i}]",
+                    f"with search.points_only every space key needs a value (it is never sampled); "
+                    f"missing: {', '.join(missing)}",
+                )
+            )
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -605,6 +639,8 @@ def search_from_dict(
     if spec is not None:
         failed = {str(k) for k in (data.get("space") or {})} - {d.key for d in dims}
         problems.extend(check_start_with(spec.search.start_with, dims, failed))
+        if spec.search.points_only:
+            problems.extend(check_points_only(spec.search.start_with, dims, failed))
         for i, folder in enumerate(spec.search.warm_start):
             wp = Path(folder).expanduser()
             wp = wp if wp.is_absolute() else base_dir / wp

@@ -113,3 +113,39 @@ def welch_less(a: Sequence[float], b: Sequence[float]) -> Welch:
 def meets_bar(w: Welch, bar_nats: float = BAR_NATS, bar_p: float = BAR_P) -> bool:
     """The challenge bar: val_loss lower by at least ``bar_nats`` and p < ``bar_p``."""
     return -w.diff >= bar_nats and w.p < bar_p
+
+
+def t_ppf(q: float, df: float) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (0 < q < 1): the t with
+    ``t_cdf(t, df) = q``, found by bisection on :func:`t_cdf` (monotone), to 1e-12."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"t_ppf needs 0 < q < 1 (got {q})")
+    if q == 0.5:
+        return 0.0
+    if q < 0.5:
+        return -t_ppf(1.0 - q, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < q:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def welch_interval(w: Welch, level: float = 1.0 - 2.0 * BAR_P) -> tuple[float, float]:
+    """Two-sided ``level`` confidence interval of mean(a) − mean(b) (Welch: the difference ±
+    the t quantile with Welch–Satterthwaite df × the standard error). The default level, 98 %,
+    matches the bar's one-sided test: the interval lies wholly below 0 exactly when p < 0.01."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1) (got {level})")
+    se = math.sqrt(w.std_a**2 / w.n_a + w.std_b**2 / w.n_b)
+    if se == 0.0:
+        return (w.diff, w.diff)
+    half = t_ppf(0.5 + level / 2.0, w.df) * se
+    return (w.diff - half, w.diff + half)

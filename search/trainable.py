@@ -15,7 +15,10 @@ with ``state: error`` and an ``error_kind``: the study goes on.
 
 ``mode: eval`` trials re-score saved artifacts with the trial's evaluation settings
 (``score_artifact``), without training. ``confirm: True`` runs extra seeds of a finished trial
-into the same trial folder (``confirm_result.json``).
+into the same trial folder (``confirm_result.json``). ``match_steps: {run_dir, ledger, number}``
+stops each seed at the step count of the same seed of another trial (``pgolf ablate
+--step-matched``): the seed waits for that trial's ``seed_<s>/result.json`` and fails when the
+ledger says that trial ended without one.
 """
 
 from __future__ import annotations
@@ -38,6 +41,37 @@ class NonFiniteScore(ValueError):
     """The run finished but its score is NaN or infinite."""
 
 
+class NoReference(RuntimeError):
+    """A step-matched trial's reference ended without the seed it matches."""
+
+
+def matched_steps(match: Mapping[str, Any], seed: int, poll_seconds: float = 2.0) -> int:
+    """The step count of ``seed`` in the reference trial (``match['run_dir']``), waiting for it
+    while the study ledger (``match['ledger']``) says the reference (``match['number']``) has
+    not ended; raises :class:`NoReference` when it ended without that seed's result."""
+    from .ledger import Ledger
+
+    ref_dir, number = Path(match["run_dir"]), int(match["number"])
+    result = ref_dir / f"seed_{seed}" / "result.json"
+    ledger = Ledger(Path(match["ledger"]))
+    while True:
+        if result.is_file():
+            try:
+                steps = int(json.loads(result.read_text())["steps"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise NoReference(f"{result} is not a readable run result: {e!r}") from None
+            if steps < 1:
+                raise NoReference(f"the reference trial t{number:04d} trained no step on seed {seed}")
+            return steps
+        state = ledger.records().get(number, {}).get("state")
+        if state not in (None, "running"):
+            raise NoReference(
+                f"the reference trial t{number:04d} ended ({state}) without a result for seed {seed}: "
+                "there is no step count to match"
+            )
+        time.sleep(poll_seconds)
+
+
 def _error_kind(e: BaseException) -> str:
     from pgolf.registry.api.errors import PgolfError, RunFailed
     from pgolf.registry.run.train import TrainingDiverged
@@ -46,6 +80,8 @@ def _error_kind(e: BaseException) -> str:
         return "diverged"
     if isinstance(e, NonFiniteScore):
         return "non_finite"
+    if isinstance(e, NoReference):
+        return "no_reference"
     if isinstance(e, RunFailed):  # run()'s own check of the reloaded artifact's score
         msg = str(e).lower()
         return "non_finite" if ("nan" in msg or "inf" in msg or "finite" in msg) else "no_valid_result"
@@ -142,9 +178,11 @@ def train_trial(config: dict[str, Any]) -> None:
         if mode == "eval":
             results = eval_runs(config, run_dir)
         for i, seed in enumerate(seeds if mode != "eval" else []):
-            rs = stack_from_dict(
-                {**config["stack"], "seed": seed}, source=f"trial {number}", base_dir=run_dir
-            )
+            data = {**config["stack"], "seed": seed}
+            if config.get("match_steps"):  # exactly the reference's steps for this seed, no cap
+                steps = matched_steps(config["match_steps"], seed)
+                data["train"] = {**data["train"], "iterations": steps, "max_wallclock_seconds": 0}
+            rs = stack_from_dict(data, source=f"trial {number}", base_dir=run_dir)
             out = run_dir / f"seed_{seed}"
             out.mkdir(parents=True, exist_ok=True)
             cfg = rs.stack.train

@@ -160,6 +160,16 @@ CASES: dict[str, dict[str, Case]] = {
         "unwritable": (lambda e: ["repeat", e.stack(), "--seeds", "2", "--out", str(e.ro / "rep")],
                        "cannot write in"),
     },
+    "ablate": {
+        "missing": (lambda e: ["ablate", e.missing("nope.yaml"), "--seeds", "2"], "does not exist"),
+        "malformed": (lambda e: ["ablate", e.malformed(), "--seeds", "2"], "malformed YAML"),
+        "unwritable": (lambda e: ["ablate", e.stack(), "--set", "techniques.ema={}", "--seeds", "2", "--gpus", "0",
+                                  "--out", str(e.ro / "st")], "cannot write in"),
+        "not a study": (lambda e: ["ablate", "--resume", e.study()], "is not an ablation study"),
+        "one seed": (lambda e: ["ablate", e.stack(), "--set", "techniques.ema={}", "--seeds", "1"],
+                     "at least 2 seeds"),
+        "no technique": (lambda e: ["ablate", e.stack(), "--seeds", "2"], "nothing to ablate"),
+    },
     "compare": {
         "missing": (lambda e: ["compare", e.missing("a"), "--vs", e.missing("b")], "does not exist"),
         "malformed": (lambda e: ["compare", *e.groups(bad=True)], "is not a readable run result"),
