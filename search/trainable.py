@@ -250,7 +250,14 @@ def eval_runs(config: Mapping[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     import yaml
 
     from pgolf.registry.api.config import stack_from_dict
-    from pgolf.registry.run.pipeline import estimate_artifact_bytes, prepare_data, score_artifact
+    from pgolf.registry.run.pipeline import (
+        artifact_builds,
+        check_legality,
+        estimate_artifact_bytes,
+        prepare_data,
+        probe_recorder,
+        score_artifact,
+    )
     from pgolf.registry.run.runtime import make_runtime, shutdown
 
     from .space import apply
@@ -266,7 +273,16 @@ def eval_runs(config: Mapping[str, Any], run_dir: Path) -> list[dict[str, Any]]:
         runtime = make_runtime(rs.stack.train)
         try:
             t0 = time.perf_counter()
-            ev = score_artifact(rs, artifact, runtime, source)
+            val = source.validation(rs.stack.model.vocab_size)
+            fresh = artifact_builds(rs, artifact, runtime, rs.stack.seed)
+            recorder = probe_recorder(rs, val[0]) if not runtime.distributed else None
+            ev = score_artifact(rs, artifact, runtime, source, validation=val, fresh=fresh, inspect=recorder)
+            eval_seconds = time.perf_counter() - t0
+            # the sampled evaluation is probed like a run's: the data probe as its run recorded it
+            recorded = (_read_json(folder / "result.json").get("legality") or {}).get("probes") or {}
+            verdict = check_legality(
+                rs, artifact, runtime, val[0], ev, recorded.get("data"), source.provenance, fresh, recorder
+            )
         finally:
             shutdown(runtime)
         size = artifact.stat().st_size
@@ -284,9 +300,12 @@ def eval_runs(config: Mapping[str, Any], run_dir: Path) -> list[dict[str, Any]]:
             "steps": 0,
             "tokens_per_second": ev.tokens / max(ev.seconds, 1e-9),
             "train_seconds": 0.0,
-            "eval_seconds": time.perf_counter() - t0,
+            "eval_seconds": eval_seconds,
             "artifact": str(artifact),
             "eval": rs.stack.eval.model_dump(mode="json"),
+            "legal": verdict.legal,
+            "legal_reasons": verdict.reasons,
+            "legality": verdict.to_dict(),
         }
         check_finite(res, f"re-scoring {artifact}")
         seed_dir = run_dir / f"seed_{rs.stack.seed}"
@@ -294,6 +313,15 @@ def eval_runs(config: Mapping[str, Any], run_dir: Path) -> list[dict[str, Any]]:
         write_json(seed_dir / "eval_result.json", res)
         out.append(res)
     return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; {} when it is missing or not an object."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def _free_cuda() -> None:

@@ -169,6 +169,11 @@ def test_eval_only_trials_rescore_the_saved_artifact(first: Path) -> None:
     for r in by_len.values():  # nothing was trained or exported again
         folder = out / r["run_dir"]
         assert not list(folder.rglob("model.ptz")) and list(folder.rglob("eval_result.json"))
+        # the sampled evaluation is probed as a run's is (the data probe as the training recorded it)
+        assert r["legal"] is True and r["legal_reasons"] == []
+        probes = json.loads(next(folder.rglob("eval_result.json")).read_text())["legality"]["probes"]
+        assert {k for k, p in probes.items() if p["passed"]} == {"tags", "data", "provenance", "future",
+                                                                 "normalisation"}  # fmt: skip
 
 
 def test_eval_only_search_refuses_keys_that_change_the_model(first: Path) -> None:

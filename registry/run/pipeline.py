@@ -500,13 +500,16 @@ def check_legality(
     artifact: Path,
     runtime: Runtime,
     stream: torch.Tensor,
-    final: EvalResult,
-    watch: data.FileWatch | None,
+    final: EvalResult | None,
+    watch: data.FileWatch | Mapping[str, Any] | None,
     prov: Provenance | None,
     fresh: Callable[[], Built] | None = None,
     recorder: legality.Recorder | None = None,
 ) -> legality.Legality:
-    """Every probe of a finished run (the artifact probes on the first process only)."""
+    """Every probe of a run's artifact (the artifact probes on the first process only).
+    ``final``: the evaluation just made of it (its normalisation violations count); ``watch``:
+    the files opened during training, or the data probe its run recorded when the artifact is
+    scored again (``pgolf eval``-style re-scoring in an eval-only search)."""
     t0 = time.perf_counter()
     probes = [
         legality.tags_probe(r.cls for r in rs.techniques),
@@ -515,7 +518,8 @@ def check_legality(
     ]
     if runtime.is_main:
         base = recorder.result() if recorder is not None else None
-        probes += probe_artifact(rs, artifact, runtime, stream, final.violations, fresh, base)
+        violations = final.violations if final is not None else None
+        probes += probe_artifact(rs, artifact, runtime, stream, violations, fresh, base)
     runtime.barrier()
     return legality.assess(probes, time.perf_counter() - t0)
 

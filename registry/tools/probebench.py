@@ -5,7 +5,7 @@ One training run of the library file's ``base`` stack (``bench/eval_library.yaml
 embedded default corpus, through :func:`pgolf.registry.run.pipeline.run` (so its data probe and
 provenance are the real ones); then its artifact is scored with every ``variants`` entry (merged
 into the base stack) by :func:`~pgolf.registry.run.pipeline.score_artifact` and probed by
-:func:`~pgolf.registry.run.pipeline.probe_artifact` — the functions a run uses — and a variant
+:func:`~pgolf.registry.run.pipeline.check_legality` — the functions a run uses — and a variant
 marked ``train: true`` runs the whole pipeline. Per variant: val_bpb and its change against
 ``plain``, evaluation seconds and probe seconds (wall clock and process CPU time; the probes' share
 of the evaluation is taken on CPU time, which other processes on a shared machine disturb less),
@@ -29,12 +29,11 @@ import yaml
 
 from ..api.config import ResolvedStack, _merge_stack, stack_from_dict
 from ..api.errors import PgolfError
-from ..run import legality
 from ..run.pipeline import (
     DataSource,
     artifact_builds,
+    check_legality,
     prepare_data,
-    probe_artifact,
     probe_recorder,
     run,
     score_artifact,
@@ -150,21 +149,15 @@ def score_variant(
                 partial(_evaluation, rs, artifact, runtime, trained.source, val, lut)
             )
             evals.append((w, c))
-            base = rec.result() if rec is not None else None
-            probes, pw, pc = _timed(
-                partial(probe_artifact, rs, artifact, runtime, val, ev.violations, fresh, base)
+            # every probe, the data probe as the base run recorded it
+            recorded = trained.result.get("legality", {}).get("probes", {})
+            data_probe, prov = recorded.get("data"), trained.source.provenance
+            verdict, pw, pc = _timed(
+                partial(check_legality, rs, artifact, runtime, val, ev, data_probe, prov, fresh, rec)
             )
             probes_t.append((pw, pc))
     finally:
         shutdown(runtime)
-    recorded = trained.result.get("legality", {}).get("probes", {})
-    all_probes = [
-        legality.tags_probe(r.cls for r in rs.techniques),
-        legality.data_probe(recorded.get("data")),
-        legality.provenance_probe(trained.source.provenance),
-        *probes,
-    ]
-    verdict = legality.assess(all_probes)
 
     def med(xs: list[tuple[float, float]], i: int) -> float:
         return statistics.median(x[i] for x in xs)
