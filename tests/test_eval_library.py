@@ -18,6 +18,7 @@ from pgolf.registry.tools.probebench import (
     train_base,
 )
 
+pytestmark = pytest.mark.slow  # one 60-step training run, then 13 scorings with their probes
 LIB = load_library()
 
 
