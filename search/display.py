@@ -130,8 +130,15 @@ class Display:
             self._live.update(self.render())
 
     def finished(
-        self, number: int, state: str, val_bpb: float | None, bytes_: int | None, note: str = ""
+        self,
+        number: int,
+        state: str,
+        val_bpb: float | None,
+        bytes_: int | None,
+        note: str = "",
+        legal: bool | None = None,
     ) -> None:
+        """A trial's end; ``legal`` False (a legality probe failed): never the best so far."""
         row = self.rows.setdefault(number, Row(number))
         row.state, row.note = state, note
         if state not in ("complete", "stopped"):
@@ -142,7 +149,8 @@ class Display:
             row.bytes, row.bytes_real = bytes_, state == "complete"
         fits = bytes_ is None or bytes_ <= self.limit
         v = row.val_bpb
-        if state == "complete" and v is not None and fits and (self.best is None or v < self.best[0]):
+        ok = fits and legal is not False
+        if state == "complete" and v is not None and ok and (self.best is None or v < self.best[0]):
             self.best = (v, number)
         what = f"val_bpb {_fmt_bpb(row.val_bpb)}" if row.val_bpb is not None else ""
         size = f" {row.bytes:,} bytes" if row.bytes is not None and state == "complete" else ""

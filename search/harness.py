@@ -709,7 +709,8 @@ class StudyRunner:
             state,
             ev.get("val_bpb") if state in ("complete", "stopped") else None,
             ev.get("artifact_bytes"),
-            "" if state == "complete" else shorten(str(ev.get("error", ""))),
+            _end_note(ev),
+            ev.get("legal") if state == "complete" else None,
         )
 
     def _tell_finished(self, number: int, rec: Mapping[str, Any]) -> None:
@@ -1214,6 +1215,15 @@ def _write_spec(loaded: LoadedSearch, study_dir: Path, stamp: str, url: str) -> 
     (study_dir / SEARCH_FILE).write_text(text)
     if has_password(url):
         keep_secret(url, study_dir)
+
+
+def _end_note(ev: Mapping[str, Any]) -> str:
+    """What the live display says after a trial's state: its error, or why it is not legal."""
+    if ev["state"] != "complete":
+        return shorten(str(ev.get("error", "")))
+    if ev.get("legal") is False:
+        return "NOT LEGAL: " + shorten("; ".join(ev.get("legal_reasons") or ["a legality probe failed"]))
+    return ""
 
 
 def warm_start(runner: StudyRunner) -> list[str]:

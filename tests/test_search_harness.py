@@ -319,3 +319,7 @@ def test_an_illegal_run_is_infeasible_for_optuna_and_recorded_with_its_reasons(r
     assert _frozen(runner, a).constraints["legal"] == 1.0 and _frozen(runner, b).constraints["legal"] == 0.0
     assert _frozen(runner, a).user_attrs["legal"] is False
     assert runner.study.best_trial.number == b  # Optuna never picks the illegal one
+    assert runner.display.best == (2.5, b)  # nor does the live display
+    assert runner.display.rows[a].note.startswith(
+        "NOT LEGAL: future probe: changing the tokens after position 180"
+    )
