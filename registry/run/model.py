@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..api.context import BlockSchedule, Ctx, unet_halves
 from ..api.errors import PgolfError
-from ..api.roles import Kind, Role, param_infos, set_layer, set_role
+from ..api.roles import Kind, Role, param_infos, role_of, set_layer, set_role
 from ..api.sites import Dispatcher
 from ..api.technique import ModelSpec, Technique
 
@@ -476,7 +476,10 @@ def build_model(
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model that is trained and exported: a published record's parameter count.
+    Evaluation-time adapters (role ``adapter``: the per-document LoRA A / B of ``lora_ttt`` and
+    ``phased_ttt``, allocated for every document slot of a batch) are not counted."""
+    return sum(p.numel() for p in model.parameters() if role_of(p) is not Role.ADAPTER)
 
 
 def model_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
