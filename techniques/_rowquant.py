@@ -311,6 +311,12 @@ class RowQuantizer(Technique):
     row-wise codes (:func:`pack_codes`), dequantizes them (:func:`dequantize_codes`)."""
 
     params: Any
+    size_estimate_note = (
+        "trained rows are heavier-tailed than the surrogate's N(0, 1) draws and take fewer bits on the same "
+        "grid (a Gaussian has the most entropy for its variance), so the estimate errs high: +1.0 to +2.1 % "
+        "on a 2×64 model after 50 CPU steps (every grid and codec)"
+    )
+    size_estimate_high = 0.03
 
     def grid(self, kind: Kind) -> Grid:
         return Grid.of(self.params, kind)

@@ -35,7 +35,7 @@ Interactions: works on any quantizer's stored tensors (int8 codes with a smaller
 anything else is stored as is). ``byte_shuffle`` (a byte transform) and ``floats: planes`` do
 similar things at different granularity. The artifact's bytes are what the codec makes of these.
 
-Evidence: see ``bench/results/quant_export_*.json`` (each layout × codec on the baseline-size
+Evidence: see ``bench/quant_export_results/*.json`` (each layout × codec on the baseline-size
 model). Not yet measured with pgolf on a trained record-size model.
 """
 

@@ -16,7 +16,7 @@ Interactions: fills the exclusive ``codec`` slot (instead of the default ``zlib`
 preset 9 (about 60 s for 16 MB on one core), like brotli-11 and zstd-22; see
 ``bench/quant_export.py`` for the three on the same packed bytes.
 
-Evidence: see ``bench/results/quant_export_*.json`` (bytes and seconds of each codec on the
+Evidence: see ``bench/quant_export_results/*.json`` (bytes and seconds of each codec on the
 baseline-size model); not yet measured with pgolf on a trained record-size model.
 """
 

@@ -118,6 +118,9 @@ class Technique:
                      technique takes part in the export, saying how far and which way the
                      estimate is known to miss for it (e.g. a quantizer whose bytes depend on
                      the trained weights' scale).
+    ``size_estimate_high``  with a note: the largest relative over-estimate the note states
+                     (0.25: the estimate may be up to 25 % above the real artifact); the
+                     generated size tests hold every quantizer × codec to it.
     ``contract_params``  params the generated contract and end-to-end tests use, for
                      techniques whose defaults (sized for the records' 11 × 512 models) do not
                      fit 2–4-layer test models (e.g. a loop over layers 3–5); defaults are still
@@ -137,6 +140,7 @@ class Technique:
     legality: ClassVar[tuple[str, ...]] = ()
     gain_at_end: ClassVar[bool] = False
     size_estimate_note: ClassVar[str] = ""
+    size_estimate_high: ClassVar[float] = 0.0
     contract_params: ClassVar[dict[str, Any]] = {}
     hooks: ClassVar[dict[str, tuple[str, ...]]] = {}  # hook name -> argument names it takes
     origin: ClassVar[str] = ""  # where it was registered from (module or plugin)
