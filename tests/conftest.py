@@ -50,8 +50,7 @@ def counted_code_bytes(stack: Path = BASELINE) -> int:
     from pgolf.registry.api.config import load_stack
     from pgolf.registry.run.code import code_bytes
 
-    rs = load_stack(stack)
-    return code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None).bytes
+    return code_bytes(load_stack(stack)).bytes
 
 
 def tiny_build(techniques: dict[str, Any], *, device: str = "cpu", seed: int = 0, **model: Any) -> Any:

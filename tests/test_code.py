@@ -13,12 +13,13 @@ from conftest import BASELINE, tiny_stack
 from pgolf.registry import REGISTRY
 from pgolf.registry.api.config import load_stack, stack_from_dict
 from pgolf.registry.run.code import (
+    LZMA_FILTERS,
     VERIFICATION_MODULES,
     WRAPPER_HEAD,
     WRAPPER_TAIL,
     CodeCountError,
-    code_bytes,
     counted_files,
+    files_count,
     wrapped_size,
 )
 
@@ -57,8 +58,8 @@ def test_the_core_count_includes_package_inits_and_the_progress_display() -> Non
 
 def test_the_corpus_builder_is_counted_only_with_the_default_corpus() -> None:
     classes = _classes(load_stack(BASELINE))
-    with_path = code_bytes(classes)
-    default = code_bytes(classes, default_corpus=True)
+    with_path = files_count(classes)
+    default = files_count(classes, default_corpus=True)
     corpus = next(f for f in default.entries if f.name == "pgolf/registry/tools/corpus.py")
     assert "pgolf/registry/tools/corpus.py" not in with_path.files
     assert default.source_bytes - with_path.source_bytes == corpus.bytes == len(corpus.path.read_bytes())
@@ -66,8 +67,8 @@ def test_the_corpus_builder_is_counted_only_with_the_default_corpus() -> None:
 
 
 def test_code_bytes_count_the_core_and_the_techniques_used() -> None:
-    plain = code_bytes(_classes(load_stack(BASELINE)))
-    with_xsa = code_bytes(_classes(stack_from_dict({"techniques": {"xsa": {}}})))
+    plain = files_count(_classes(load_stack(BASELINE)))
+    with_xsa = files_count(_classes(stack_from_dict({"techniques": {"xsa": {}}})))
     xsa = next(f for f in with_xsa.entries if f.name == "pgolf/techniques/xsa.py")
     sources = [f.path.read_text(encoding="utf-8").encode() for f in with_xsa.entries]
     assert with_xsa.source_bytes == sum(len(x) for x in sources)
@@ -84,7 +85,7 @@ def test_the_counted_size_is_the_size_of_a_script_that_runs_the_sources(tmp_path
     import sys
 
     source = b"import math\nprint(sum(math.isqrt(i) for i in range(1000)))\n" * 20
-    blob = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
+    blob = base64.b85encode(lzma.compress(source, format=lzma.FORMAT_ALONE, filters=list(LZMA_FILTERS)))
     script = WRAPPER_HEAD + blob + WRAPPER_TAIL
     (tmp_path / "s.py").write_bytes(script)
     out = subprocess.run([sys.executable, str(tmp_path / "s.py")], capture_output=True, check=True)
@@ -145,12 +146,12 @@ def _load_plugin(
 
 def test_a_local_plugin_and_the_helper_it_imports_from_its_folder_are_counted(tmp_path: Path) -> None:
     cls = _load_plugin(tmp_path / "plug", "trust_counted_plugin", "trust_counted_helper")
-    count = code_bytes([cls])
+    count = files_count([cls])
     by_name = {f.name: f for f in count.entries}
     assert {"plugins/trust_counted_plugin.py", "plugins/trust_counted_helper.py"} <= set(by_name)
     assert by_name["plugins/trust_counted_helper.py"].local_plugin
     helper_bytes = len((tmp_path / "plug" / "trust_counted_helper.py").read_bytes())
-    core = code_bytes([])
+    core = files_count([])
     plugin_bytes = len((tmp_path / "plug" / "trust_counted_plugin.py").read_bytes())
     assert count.source_bytes == core.source_bytes + plugin_bytes + helper_bytes
 
@@ -165,7 +166,7 @@ def test_a_helper_imported_only_inside_a_function_is_counted_too(tmp_path: Path)
         )
     )
     REGISTRY.load_file(folder / "trust_lazy_plugin.py")
-    names = code_bytes([REGISTRY.get("trust_lazy_plugin")]).files
+    names = files_count([REGISTRY.get("trust_lazy_plugin")]).files
     assert "plugins/trust_lazy_helper.py" in names
 
 
@@ -182,7 +183,7 @@ def test_a_plugin_importing_uncountable_local_code_is_refused(tmp_path: Path) ->
     )
     REGISTRY.load_file(plug / "trust_far_plugin.py")
     with pytest.raises(CodeCountError, match=r"trust_far_helper.*neither in the plugin's own folder"):
-        code_bytes([REGISTRY.get("trust_far_plugin")])
+        files_count([REGISTRY.get("trust_far_plugin")])
 
 
 def test_a_plugin_that_loads_code_dynamically_is_refused(tmp_path: Path) -> None:
@@ -190,7 +191,7 @@ def test_a_plugin_that_loads_code_dynamically_is_refused(tmp_path: Path) -> None
     cls = _load_plugin(plug, "trust_dynamic_plugin", "trust_dynamic_helper",
                        "import importlib\nmod = importlib.import_module('json')\ndef bump(step):\n    return step\n")  # fmt: skip
     with pytest.raises(CodeCountError, match=r"trust_dynamic_helper.py:2: .*importlib.import_module"):
-        code_bytes([cls])
+        files_count([cls])
 
 
 def test_check_refuses_an_uncountable_plugin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

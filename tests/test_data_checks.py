@@ -196,7 +196,7 @@ def test_a_byte_fallback_space_is_refused() -> None:
 
 def test_validation_documents_are_checked_as_well_as_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     sp = _train(PHRASES, vocab_size=120, split_by_whitespace=False)
-    lut = bpb._tables(sp, None)
+    lut = bpb.byte_tables(sp, None)
     monkeypatch.setattr(bpb, "probe_text", lambda sp: "In")  # a probe this tokenizer gets right
     bpb.check_byte_accounting(sp, lut)
     with pytest.raises(DataError, match=r"for validation document 0 \('the dogs sat on the logs'\)"):

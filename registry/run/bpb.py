@@ -74,12 +74,15 @@ def build_byte_lut(sp: spm.SentencePieceProcessor, vocab_size: int | None = None
     boundaries, as in the challenge's code. Raises :class:`DataError` when the tables do not count
     the probe text's UTF-8 bytes exactly (:func:`check_byte_accounting`).
     """
-    lut = _tables(sp, vocab_size)
+    lut = byte_tables(sp, vocab_size)
     check_byte_accounting(sp, lut)
     return lut
 
 
-def _tables(sp: spm.SentencePieceProcessor, vocab_size: int | None) -> ByteLUT:
+def byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int | None = None) -> ByteLUT:
+    """The byte tables of :func:`build_byte_lut` without its check, for a tokenizer already
+    checked (:func:`pgolf.registry.run.dataset.check_dataset` checks the probe text and
+    validation documents before any run)."""
     sp_size = int(sp.vocab_size())
     size = max(sp_size, vocab_size if vocab_size is not None else sp_size)
     base = torch.zeros(size, dtype=torch.int16)

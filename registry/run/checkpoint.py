@@ -138,7 +138,9 @@ def remove(folder: Path, rank: int = 0) -> None:
 class Checkpointer:
     """Writes this process's checkpoint into ``folder`` every ``minutes`` of wall-clock (0 =
     never). ``extra()`` adds what the caller keeps outside the trainer (the train-loss curve);
-    ``stack_sha256`` ties the checkpoint to the run's ``stack.yaml``."""
+    ``stack_sha256`` ties the checkpoint to the run's ``stack.yaml``; ``resume``: the checkpoint
+    this run continues from (:func:`load_for`), which the trainer restores through
+    :meth:`restore_weights` and :meth:`restore_state`."""
 
     folder: Path
     rank: int
@@ -149,6 +151,21 @@ class Checkpointer:
     log: Callable[[str], None] = lambda s: None
     last: float = field(default_factory=time.monotonic)
     written: int = 0
+    resume: Mapping[str, Any] | None = None
+
+    def restore_weights(self, trainer: Any) -> None:
+        """Model, optimizers and data position of :attr:`resume` (:func:`restore_weights`)."""
+        assert self.resume is not None
+        restore_weights(trainer, self.resume)
+
+    def restore_state(self, trainer: Any, state: Any) -> tuple[list[dict[str, float]], float, bool, str]:
+        """Technique states, training state and random generators of :attr:`resume`
+        (:func:`restore_state`); returns the history, the last train loss, whether training had
+        finished and what stopped it."""
+        assert self.resume is not None
+        history = restore_state(trainer, state, self.resume)
+        r = self.resume
+        return history, float(r["last_train_loss"]), bool(r["finished"]), str(r["stopped_by"] or "")
 
     def due(self) -> bool:
         return self.minutes > 0 and time.monotonic() - self.last >= self.minutes * 60.0

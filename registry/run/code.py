@@ -1,10 +1,19 @@
-"""Counted code: every source file a run of a stack executes, counted as the bytes of a
-self-extracting script that holds them.
+"""Counted code: the bytes of the submission script a stack exports to, and the source files a
+run executes.
 
-The challenge counts the code of a submission in its artifact. Until pgolf generates a single-file
-submission script, the count is the source of every Python file that :func:`run` executes for the
-stack, found by following ``import`` statements (at any depth, not under ``if TYPE_CHECKING:``)
-from the run's entry module and from each technique's file:
+The challenge counts the code of a submission in its artifact: the bytes of its ``train_gpt.py``.
+:func:`code_bytes` counts the script ``pgolf export`` writes for the stack (generated from the
+run's own modules and the techniques the stack uses, with the resolved stack in it, minified and
+wrapped: :mod:`pgolf.registry.tools.script`), so the size gate before training, the search and
+``result.json`` count the file a submission holds. When no script can be generated (a plugin whose
+code cannot be inlined), the count falls back to the wrapped source of every file the run executes,
+and :attr:`CodeCount.note` says why.
+
+:func:`counted_files` lists the source files a run of the stack executes, found by following
+``import`` statements (at any depth, not under ``if TYPE_CHECKING:``) from the run's entry module,
+from the submission script's entry module (the run generates the script to count its code) and
+from each technique's file; their hashes go into the run's manifest, so ``pgolf eval`` can
+refuse code that changed since the run:
 
 - pgolf modules, with the ``__init__.py`` of every package they sit in (Python runs those first);
 - each technique's file and whatever it imports from its own folder (a local plugin) or its own
@@ -29,21 +38,27 @@ one that imports compiled code of its own; or one that loads code dynamically (`
 from __future__ import annotations
 
 import ast
+import base64
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import lzma
 import sys
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..api.errors import PgolfError
 from ..api.technique import Technique
 
 ENTRY_MODULE = "pgolf.registry.run.pipeline"
 """The module whose :func:`run` the CLI, the tests and the search call."""
+SCRIPT_ENTRY_MODULE = "pgolf.registry.run.submission"
+"""The entry point of the submission script, which every run generates to count its code."""
 
 PGOLF_PACKAGES = ("pgolf.registry", "pgolf.techniques")
 DEFAULT_CORPUS_MODULE = "pgolf.registry.tools.corpus"
@@ -53,15 +68,21 @@ data before training); a submission does not run them, so they are not counted."
 PLUGIN_FOLDER = "plugins"
 """Local plugin files are counted (and kept in a run folder) under this name."""
 
-CODE_BYTES_METHOD = (
-    "the size of a one-line self-extracting script (base85 of the LZMA preset 9e of the sources, the "
-    "form records submitted their code in from 04-03 on) holding every Python file the run executes: "
-    "the pgolf modules reached by imports from pgolf.registry.run.pipeline (with their packages' "
-    "__init__.py), each technique's file and what it imports from its own folder or package, and the "
-    "default-corpus builder when the default corpus is used; the standard library, installed "
-    "libraries and unused built-in techniques are not counted (source_bytes is their plain UTF-8 "
-    "size). A generated single-file submission script will replace this count"
+SCRIPT_METHOD = (
+    "the size of the train_gpt.py `pgolf export` writes for this stack: the run's own modules and the "
+    "stack's techniques bundled into one script with the resolved stack in it, minified, and wrapped in "
+    "a one-line self-extracting form (base85 of its LZMA, the form the records submitted their code in) "
+    "when that is smaller; it needs only the standard library, torch, numpy, sentencepiece and the "
+    "codec's package (source_bytes is the plain size of the source files the run executes)"
 )
+FILES_METHOD = (
+    "no submission script could be generated for this stack (see note), so the count is the size of a "
+    "one-line self-extracting script (base85 of the LZMA of the sources) holding every Python file the run "
+    "executes: the pgolf modules reached by imports from pgolf.registry.run.pipeline, each technique's file "
+    "and what it imports from its own folder or package, and the default-corpus builder when the default "
+    "corpus is used (source_bytes is their plain UTF-8 size)"
+)
+CODE_BYTES_METHOD = SCRIPT_METHOD
 
 _DYNAMIC_CALLS = {
     "exec": "exec()",
@@ -94,26 +115,32 @@ class CountedFile:
 
 @dataclass(frozen=True)
 class CodeCount:
-    bytes: int  # counted: the self-extracting script's size (see wrapped_size)
+    bytes: int  # counted: the submission script's size (or the wrapped files', see note)
     files: tuple[str, ...]
     sha256: str  # first 16 hex digits, over every file's name and content
     method: str = CODE_BYTES_METHOD
     entries: tuple[CountedFile, ...] = ()
     source_bytes: int = 0  # the plain UTF-8 size of the files
-
-
-def wrapped_size(source: bytes) -> int:
-    """Bytes of a one-line script that runs ``source``: the base85 of its LZMA (preset 9 extreme)
-    inside ``exec(lzma.decompress(base64.b85decode(...)))`` — the form the records submitted."""
-    import base64
-    import lzma
-
-    blob = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
-    return len(WRAPPER_HEAD + blob + WRAPPER_TAIL)
+    note: str = ""  # why no submission script was generated (bytes then count the files)
 
 
 WRAPPER_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode("'
 WRAPPER_TAIL = b'")))\n'
+LZMA_FILTERS = ({"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0},)
+"""LZMA preset 9e in the legacy ``.lzma`` container (13 bytes of header where ``.xz`` takes ~60;
+``lzma.decompress`` reads either), with the literal coding suited to text (pb 0)."""
+
+
+def wrap(source: bytes) -> bytes:
+    """A one-line script that runs ``source``: ``exec`` of the base85 of its LZMA (preset 9e),
+    the form the challenge records submitted their code in."""
+    blob = base64.b85encode(lzma.compress(source, format=lzma.FORMAT_ALONE, filters=list(LZMA_FILTERS)))
+    return WRAPPER_HEAD + blob + WRAPPER_TAIL
+
+
+def wrapped_size(source: bytes) -> int:
+    """Bytes of :func:`wrap` ``(source)``."""
+    return len(wrap(source))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +404,7 @@ def counted_files(
     counted."""
     walk = _Walk(default_corpus)
     walk.module(ENTRY_MODULE, None)
+    walk.module(SCRIPT_ENTRY_MODULE, None)
     core = sorted(walk.files.values(), key=lambda f: f.name)
     seen = set(walk.files)
     for t in techniques:
@@ -385,11 +413,12 @@ def counted_files(
     return core + rest
 
 
-def code_bytes(
-    techniques: Sequence[Technique | type[Technique]], *, default_corpus: bool = False
+def files_count(
+    techniques: Iterable[Technique | type[Technique]], *, default_corpus: bool = False, note: str = ""
 ) -> CodeCount:
-    """Counted bytes (the self-extracting size of the files :func:`counted_files` lists, joined
-    in that order), their plain size and a content hash."""
+    """The files a run with these techniques executes (:func:`counted_files`), a hash of them, and
+    as its bytes the size of one self-extracting script holding them all (:data:`FILES_METHOD`):
+    the count when no submission script can be generated."""
     files = counted_files(techniques, default_corpus=default_corpus)
     h = hashlib.sha256()
     for f in files:
@@ -399,6 +428,29 @@ def code_bytes(
         bytes=wrapped_size(source),
         files=tuple(f.name for f in files),
         sha256=h.hexdigest()[:16],
+        method=FILES_METHOD,
         entries=tuple(files),
         source_bytes=sum(f.bytes for f in files),
+        note=note,
     )
+
+
+def code_bytes(rs: Any, *, script: bool = True) -> CodeCount:
+    """The counted code of a run of ``rs`` (a resolved stack): the bytes of its submission script
+    (see the module docstring), the files the run executes and a hash of them. ``script=False``
+    skips generating the script (its bytes then count the files, :func:`files_count`), for callers
+    that only compare the files with a run's manifest."""
+    count = files_count(
+        [r.cls for r in rs.techniques],
+        default_corpus=rs.stack.data.path is None,
+        note="not generated (the files were counted)",
+    )
+    if not script:
+        return count
+    from ..tools.bundle import BundleError  # the generator is a tool; the run imports it here only
+    from ..tools.script import build_script
+
+    try:
+        return dataclasses.replace(count, bytes=build_script(rs).bytes, method=SCRIPT_METHOD, note="")
+    except BundleError as e:
+        return dataclasses.replace(count, note=str(e))

@@ -4,22 +4,27 @@ resolve data → build model (sites filled, init event) → train → finalize �
 disk (verified) → reload the artifact from disk into a fresh build → score → result.json.
 Each phase's seconds are reported; the training side (train + finalize + calibration + export) is
 compared with the wall-clock cap.
+
+The phases from the build to the score are :func:`train_and_score`, which an exported submission
+script (:mod:`.submission`) runs as well; what ``pgolf run`` adds around them (the size gate, the
+live display, run.log, stack.yaml, checkpoints, the data watch, the manifest, the legality probes,
+result.json and the plot) comes through :class:`RunHooks` and never enters the script.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from ..api.config import ResolvedStack, Stack
@@ -28,27 +33,29 @@ from ..api.errors import DataError, PgolfError
 from ..api.roles import Role, format_role_table, param_infos, relabel
 from ..api.sites import SITES, Dispatcher
 from ..api.technique import Technique
-from ..tools import corpus
-from ..tools.plots import CURVE_FILE, plot_training_curve
-from ..tools.progress import LiveProgress, RunLog, Ticker, slowdown_hint
 from . import bpb, checkpoint, data, legality
 from .code import code_bytes
 from .dataset import check_dataset
 from .evaluate import EvalResult, Violation, evaluate
 from .export import (
     ARTIFACT_NAME,
+    Export,
+    atomic_write,
     default_quantizer,
     export_model,
     load_artifact,
     load_into,
     stored_bits,
-    write_artifact,
+    verify_export,
 )
 from .model import GPT, attention_kernel, build_model, count_params
 from .provenance import Provenance, check_overlap, provenance
 from .record import check_result, write_json, write_manifest, write_stack
 from .runtime import DistEnv, Runtime, make_runtime, pin_runtime, seed_everything, shutdown, versions
-from .train import Trainer, grad_accum_steps
+from .train import Progress, Trainer, TrainResult, grad_accum_steps
+
+if TYPE_CHECKING:  # the tools drive the run; the run imports them only where `pgolf run` needs them
+    from rich.console import Console
 
 Reporter = Callable[[Mapping[str, Any]], None]
 
@@ -62,8 +69,9 @@ class DataSource:
     provenance: Provenance | None = None  # fingerprint and train/validation overlap, once checked
 
     def validation(self, vocab_size: int) -> tuple[torch.Tensor, bpb.ByteLUT]:
-        """The whole validation stream and the byte table that scores it."""
-        return data.load_tokens(self.val, vocab_size), bpb.build_byte_lut(
+        """The whole validation stream and the byte table that scores it (the tokenizer's
+        byte accounting was checked with the data, by :func:`prepare_data`)."""
+        return data.load_tokens(self.val, vocab_size), bpb.byte_tables(
             bpb.load_tokenizer(self.tokenizer), vocab_size
         )
 
@@ -171,6 +179,8 @@ def prepare_data(stack: Stack, *, check_provenance: bool = True) -> DataSource:
     validation document is a training document (raises before anything is written)."""
     d = stack.data
     if d.path is None:
+        from ..tools import corpus
+
         cache = Path(d.cache_dir).expanduser() if d.cache_dir else corpus.DEFAULT_CACHE_DIR
         info = corpus.default_dataset(cache, vocab_size=stack.model.vocab_size)
         folder, tok = Path(info.path), Path(info.tokenizer)
@@ -336,7 +346,7 @@ def estimate_artifact_bytes(
             for t in b.techniques
             if t.size_estimate_note and t.name in used
         ]
-    code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
+    code = code_bytes(rs)
     est = SizeEstimate(
         model_bytes, code.bytes, margin, rs.stack.export.artifact_limit, time.perf_counter() - t0,
         allowance=allowance,
@@ -582,6 +592,169 @@ def run(
         shutdown(runtime)
 
 
+class RunHooks:
+    """What ``pgolf run`` adds to the phases of :func:`train_and_score`: the data watch's phase,
+    live training progress, checkpoints, a note while a slow phase runs, the moments the model is
+    built, a periodic validation is done and the artifact is written, and the builds that score
+    the artifact. Every default does nothing. An exported submission script passes no hooks, so
+    none of this enters it."""
+
+    checkpointer: checkpoint.Checkpointer | None = None
+    """Writes periodic checkpoints while training and holds the one to resume from (set up by
+    :meth:`training`)."""
+
+    def phase(self, name: str, where: Callable[[], str] | None = None) -> None:
+        """The run enters phase ``name`` (``where``: the position within it, for the data watch)."""
+
+    def built(self, b: Built) -> None:
+        """The model is built (seeded, every site filled), before any data is read."""
+
+    def training(self) -> contextlib.AbstractContextManager[Callable[[Progress], None] | None]:
+        """Around the training loop; yields the per-step progress callback (or None) and may set
+        :attr:`checkpointer`."""
+        return contextlib.nullcontext()
+
+    def busy(self, what: str) -> contextlib.AbstractContextManager[Any]:
+        """Around a slow step without progress of its own (export, scoring)."""
+        return contextlib.nullcontext()
+
+    def validated(self, step: int, result: EvalResult) -> None:
+        """A periodic validation during training (``train.val_loss_every``)."""
+
+    def exported(self, artifact: Path, export: Export, sites: Dispatcher) -> None:
+        """The artifact is written (main process only); ``export`` holds what produced it.
+        ``pgolf run`` reads it back and verifies every tensor here (:func:`.export.verify_export`);
+        an exported script, running the code and stack pgolf verified, does not."""
+
+    def written(self, artifact: Path) -> None:
+        """The training side is over: the artifact is on disk (every process, before the barrier)."""
+
+    def fresh(self, artifact: Path) -> Callable[[], Built] | None:
+        """The builds that score the artifact (:func:`artifact_builds`), or None for a plain build."""
+        return None
+
+    def inspect(self) -> Callable[[Any], None] | None:
+        """What watches the final evaluation (:func:`probe_recorder`), or None."""
+        return None
+
+
+@dataclass
+class Trained:
+    """What :func:`train_and_score` did: the build, training, the scores and the seconds of each
+    phase (train, finalize, calibration, export, evaluation)."""
+
+    built: Built
+    train: TrainResult
+    final: EvalResult
+    pre: EvalResult | None
+    model_bytes: int
+    params: int
+    phases: dict[str, float]
+
+    @property
+    def training_side(self) -> float:
+        """Train + finalize + calibration + export seconds: what the wall-clock cap covers."""
+        return sum(self.phases[k] for k in ("train", "finalize", "calibration", "export"))
+
+
+def train_and_score(
+    rs: ResolvedStack,
+    runtime: Runtime,
+    source: DataSource,
+    validation: tuple[torch.Tensor, bpb.ByteLUT],
+    artifact: Path,
+    log: Callable[[str], None],
+    hooks: RunHooks | None = None,
+) -> Trained:
+    """Seed, build, train, finalize, calibrate, export the artifact to ``artifact``, reload it
+    into a fresh build and score it on ``validation`` (:meth:`DataSource.validation`): the phases
+    a run and an exported script share. ``log`` takes the log one line at a time; ``hooks``: what
+    ``pgolf run`` adds (:class:`RunHooks`)."""
+    # `x if hooks is not None else ...`: an exported script, which passes no hooks, keeps the
+    # `else` alone (pgolf.registry.tools.specialize), so none of the run's extras enter it
+    stack = rs.stack
+    seed_everything(stack.seed)
+    if hooks is not None:
+        hooks.phase("model build")
+    b = build(rs, runtime.device, runtime.attention)
+    model = b.model
+    for t in b.techniques:
+        t.bind_log(log)
+    if hooks is not None:
+        hooks.built(b)
+    val_tokens, lut = validation
+    loader = training_loader(b.sites, source, runtime, stack.seed, stack.model.vocab_size)
+    trainer = Trainer(model, b.sites, stack, runtime, loader)
+    if hooks is not None:
+        hooks.phase("training", lambda: f"step {trainer.state.step}")
+
+    def score(m: nn.Module, switches: tuple[str, ...]) -> EvalResult:
+        return evaluate(
+            m, val_tokens, lut, seq_len=eval_seq_len(stack), batch_tokens=stack.eval.batch_tokens,
+            runtime=runtime, switches=switches,
+        )  # fmt: skip
+
+    def validate(step: int) -> tuple[float, float]:
+        on = tuple(s for s in trainer.eval_switches if s in trainer.state.switches)
+        r = score(model, on)
+        if hooks is not None:
+            hooks.validated(step, r)
+        return r.val_loss, r.val_bpb
+
+    with hooks.training() if hooks is not None else contextlib.nullcontext() as on_progress:
+        checkpointer = hooks.checkpointer if hooks is not None else None
+        tres = trainer.run(validate=validate, on_progress=on_progress, log=log, checkpointer=checkpointer)
+    log(
+        f"trained {tres.steps} steps ({tres.stopped_by}) in {tres.train_seconds:.1f}s: "
+        f"{tres.tokens_per_second:,.0f} tokens/s, final train loss {tres.final_train_loss:.4f}"
+    )
+    phases: dict[str, float] = {"train": tres.train_seconds}
+    if hooks is not None:
+        hooks.phase("finalize")
+    with Phase(phases, "finalize", runtime):
+        trainer.finalize()
+    if hooks is not None:
+        hooks.phase("calibration")
+    with Phase(phases, "calibration", runtime):
+        n_cal = trainer.calibrate()
+    if n_cal:
+        log(f"calibration: {n_cal} training batches in {phases['calibration']:.1f}s")
+
+    pre = score(model, trainer.eval_switches) if stack.eval.pre_quant else None
+    if pre is not None:
+        log(f"pre-export: val_loss {pre.val_loss:.4f} val_bpb {pre.val_bpb:.4f}")
+
+    if hooks is not None:
+        hooks.phase("export", lambda: "")
+    with Phase(phases, "export", runtime):
+        if runtime.is_main:
+            busy = hooks.busy("exporting the artifact (quantize, pack, compress, verify)") if hooks else None
+            with busy or contextlib.nullcontext():
+                ex = export_model(model, b.sites, stack.export)
+                atomic_write(artifact, ex.blob)
+                if hooks is not None:
+                    hooks.exported(artifact, ex, b.sites)
+        if hooks is not None:
+            hooks.written(artifact)
+        runtime.barrier()
+    model_bytes = artifact.stat().st_size
+    scoring = (
+        hooks.busy(f"scoring the reloaded artifact on {val_tokens.numel() - 1:,} tokens") if hooks else None
+    )
+    with Phase(phases, "evaluation", runtime), scoring or contextlib.nullcontext():
+        fresh = hooks.fresh(artifact) if hooks is not None else None
+        inspect = hooks.inspect() if hooks is not None else None
+        final = score_artifact(
+            rs, artifact, runtime, source, validation=validation, fresh=fresh, inspect=inspect
+        )
+    log(
+        f"final (from {artifact.name} reloaded from disk): val_loss {final.val_loss:.6f} nats, "
+        f"val_bpb {final.val_bpb:.6f} over {final.tokens:,} tokens / {final.bytes:,} bytes "
+        f"in {final.seconds:.1f}s"
+    )
+    return Trained(b, tres, final, pre, model_bytes, count_params(model), phases)
+
+
 def _run(
     rs: ResolvedStack,
     out_dir: Path,
@@ -595,6 +768,9 @@ def _run(
     watch: data.FileWatch,
     resume: bool = False,
 ) -> RunResult:
+    from ..tools.plots import CURVE_FILE, plot_training_curve
+    from ..tools.progress import LiveProgress, RunLog, Ticker, slowdown_hint
+
     stack = rs.stack
     main = runtime.is_main
     accum = grad_accum_steps(stack, runtime.world_size)
@@ -607,125 +783,112 @@ def _run(
             est = estimate_artifact_bytes(rs)
     if runtime.any_rank(est is not None and not est.fits) and not allow_over_limit:
         raise OverLimitError(est)
-    seed_everything(stack.seed)
-    watch.phase = "model build"
-    b = build(rs, runtime.device, runtime.attention)
-    model = b.model
-    for t in b.techniques:
-        t.bind_log(log)
-    code = code_bytes(b.techniques, default_corpus=stack.data.path is None)
-    n_params = count_params(model)
+    code = code_bytes(rs)
     vers = versions(runtime)
-    if main and saved is None:
-        write_stack(out_dir, rs, code)
-    if main:
-        log.block("stack (resolved)", rs.to_yaml())
-        log.block("versions", json.dumps(vers, indent=2))
-        log.block("code", f"{code.bytes:,} bytes, sha256 {code.sha256}: {', '.join(code.files)}")
-        log.block("parameter roles", format_role_table(model))
-    log(f"stack {stack.name or rs.source} ({rs.hash()}): techniques {' → '.join(rs.technique_names())}")
-    log(f"data: {source.description}: {len(source.train)} train shard(s), {len(source.val)} val shard(s)")
-    log(
-        f"model: {n_params:,} parameters; device {vers['device']} × {runtime.world_size}; "
-        f"grad accumulation {accum}; compile {'on' if runtime.compile else 'off'}; "
-        f"autocast {runtime.autocast_dtype or 'off'}; threads {runtime.threads} ({runtime.threads_note})"
-    )
-    if est is not None:
-        log(
-            f"estimated artifact: {est.total:,} bytes ({est.model_bytes:,} model + {est.code_bytes:,} code) "
-            f"of {est.limit:,}{'' if est.fits else '  — over the limit'}"
-        )
+    live: list[LiveProgress] = []
+    scoring: dict[str, Any] = {}
+    val_tokens = validation[0]
 
-    val_tokens, lut = validation
-    loader = training_loader(b.sites, source, runtime, stack.seed, stack.model.vocab_size)
-    trainer = Trainer(model, b.sites, stack, runtime, loader)
-    watch.phase, watch.where = "training", lambda: f"step {trainer.state.step}"
+    class Hooks(RunHooks):
+        def phase(self, name: str, where: Callable[[], str] | None = None) -> None:
+            watch.phase = name
+            if where is not None:
+                watch.where = where
 
-    def score(m: nn.Module, switches: tuple[str, ...]) -> EvalResult:
-        return evaluate(
-            m, val_tokens, lut, seq_len=eval_seq_len(stack), batch_tokens=stack.eval.batch_tokens,
-            runtime=runtime, switches=switches,
-        )  # fmt: skip
+        def built(self, b: Built) -> None:
+            if main and saved is None:
+                write_stack(out_dir, rs, code)
+            if main:
+                log.block("stack (resolved)", rs.to_yaml())
+                log.block("versions", json.dumps(vers, indent=2))
+                log.block("code", f"{code.bytes:,} bytes ({code.method}), sha256 {code.sha256}: "
+                          f"{', '.join(code.files)}")  # fmt: skip
+                log.block("parameter roles", format_role_table(b.model))
+            log(
+                f"stack {stack.name or rs.source} ({rs.hash()}): techniques {' → '.join(rs.technique_names())}"
+            )
+            if code.note:
+                log(f"note: no submission script can be generated for this stack ({code.note}); its code bytes "
+                    "count the source files the run executes")  # fmt: skip
+            log(
+                f"data: {source.description}: {len(source.train)} train shard(s), {len(source.val)} val shard(s)"
+            )
+            log(
+                f"model: {count_params(b.model):,} parameters; device {vers['device']} × {runtime.world_size}; "
+                f"grad accumulation {accum}; compile {'on' if runtime.compile else 'off'}; "
+                f"autocast {runtime.autocast_dtype or 'off'}; threads {runtime.threads} ({runtime.threads_note})"
+            )
+            if est is not None:
+                log(
+                    f"estimated artifact: {est.total:,} bytes ({est.model_bytes:,} model + {est.code_bytes:,} code) "
+                    f"of {est.limit:,}{'' if est.fits else '  — over the limit'}"
+                )
 
-    def validate(step: int) -> tuple[float, float]:
-        on = tuple(s for s in trainer.eval_switches if s in trainer.state.switches)
-        r = score(model, on)
-        if report is not None:
-            report({"step": step, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "final": False})
-        return r.val_loss, r.val_bpb
+        @contextlib.contextmanager
+        def training(self) -> Iterator[Callable[[Progress], None] | None]:
+            if saved is not None:
+                watch.shards.update(saved.get("shards_opened", {}))
+                watch.validation_opened.update(saved.get("validation_opened", {}))
+                state = saved["train_state"]
+                log(f"resumed from step {state['step']} ({state['elapsed']:.1f}s of training)")
+            with LiveProgress(
+                console if main else None,
+                stack.train.iterations,
+                stack.train.max_wallclock_seconds,
+                log=log if main else None,
+                tokens_per_step=stack.train.train_batch_tokens,
+                slow_hint=slowdown_hint(runtime.device.type, runtime.threads),
+            ) as bar:
+                live.append(bar)
+                bar.points = list(saved.get("train_history", [])) if saved is not None else []
+                self.checkpointer = checkpoint.Checkpointer(
+                    out_dir,
+                    runtime.rank,
+                    runtime.world_size,
+                    checkpoint.stack_sha256(out_dir) if main else "",
+                    stack.train.checkpoint_minutes,
+                    # the shards opened before a checkpoint count for the data probe of the resumed run
+                    extra=lambda: {
+                        "train_history": list(bar.points),
+                        "shards_opened": dict(watch.shards),
+                        "validation_opened": dict(watch.validation_opened),
+                    },
+                    log=log,
+                    resume=saved,
+                )
+                yield bar.update
 
-    if saved is not None:
-        watch.shards.update(saved.get("shards_opened", {}))
-        watch.validation_opened.update(saved.get("validation_opened", {}))
-        log(
-            f"resumed from step {saved['train_state']['step']} ({saved['train_state']['elapsed']:.1f}s of training)"
-        )
-    with LiveProgress(
-        console if main else None,
-        stack.train.iterations,
-        stack.train.max_wallclock_seconds,
-        log=log if main else None,
-        tokens_per_step=stack.train.train_batch_tokens,
-        slow_hint=slowdown_hint(runtime.device.type, runtime.threads),
-    ) as bar:
-        bar.points = list(saved.get("train_history", [])) if saved is not None else []
-        saver = checkpoint.Checkpointer(
-            out_dir,
-            runtime.rank,
-            runtime.world_size,
-            checkpoint.stack_sha256(out_dir) if main else "",
-            stack.train.checkpoint_minutes,
-            # the shards opened before a checkpoint count for the data probe of the resumed run
-            extra=lambda: {
-                "train_history": list(bar.points),
-                "shards_opened": dict(watch.shards),
-                "validation_opened": dict(watch.validation_opened),
-            },
-            log=log,
-        )
-        tres = trainer.run(
-            validate=validate, on_progress=bar.update, log=log, checkpointer=saver, resume=saved
-        )
-    log(
-        f"trained {tres.steps} steps ({tres.stopped_by}) in {tres.train_seconds:.1f}s: "
-        f"{tres.tokens_per_second:,.0f} tokens/s, final train loss {tres.final_train_loss:.4f}"
-    )
-    phases: dict[str, float] = {"train": tres.train_seconds}
-    watch.phase = "finalize"
-    with Phase(phases, "finalize", runtime):
-        trainer.finalize()
-    watch.phase = "calibration"
-    with Phase(phases, "calibration", runtime):
-        n_cal = trainer.calibrate()
-    if n_cal:
-        log(f"calibration: {n_cal} training batches in {phases['calibration']:.1f}s")
+        def busy(self, what: str) -> contextlib.AbstractContextManager[Any]:
+            return Ticker(console if main else None, what)
 
-    pre = score(model, trainer.eval_switches) if stack.eval.pre_quant else None
-    if pre is not None:
-        log(f"pre-export: val_loss {pre.val_loss:.4f} val_bpb {pre.val_bpb:.4f}")
+        def validated(self, step: int, result: EvalResult) -> None:
+            if report is not None:
+                report({"step": step, "val_loss": result.val_loss, "val_bpb": result.val_bpb, "final": False})
+
+        def exported(self, artifact: Path, export: Export, sites: Dispatcher) -> None:
+            verify_export(artifact, export, sites)
+
+        def written(self, artifact: Path) -> None:
+            watch.stop()  # the training side ends with the artifact on disk
+            if main:
+                write_manifest(out_dir, rs, code, artifact, source.tokenizer, source.val)
+
+        def fresh(self, artifact: Path) -> Callable[[], Built] | None:
+            # read once: scoring and the probes
+            scoring["fresh"] = artifact_builds(rs, artifact, runtime, stack.seed)
+            return scoring["fresh"]
+
+        def inspect(self) -> Callable[[Any], None] | None:
+            scoring["recorder"] = probe_recorder(rs, val_tokens) if not runtime.distributed else None
+            return scoring["recorder"]
 
     artifact = out_dir / ARTIFACT_NAME
-    watch.phase, watch.where = "export", lambda: ""
-    with Phase(phases, "export", runtime):
-        if main:
-            with Ticker(console, "exporting the artifact (quantize, pack, compress, verify)"):
-                write_artifact(artifact, model, b.sites, stack.export)
-        watch.stop()  # the training side ends with the artifact on disk
-        if main:
-            write_manifest(out_dir, rs, code, artifact, source.tokenizer, source.val)
-        runtime.barrier()
-    model_bytes = artifact.stat().st_size
-    scoring = f"scoring the reloaded artifact on {val_tokens.numel() - 1:,} tokens"
-    with Phase(phases, "evaluation", runtime), Ticker(console if main else None, scoring):
-        fresh = artifact_builds(rs, artifact, runtime, stack.seed)  # read once: scoring and the probes
-        recorder = probe_recorder(rs, val_tokens) if not runtime.distributed else None
-        final = score_artifact(rs, artifact, runtime, source, validation=(val_tokens, lut), fresh=fresh,
-                               inspect=recorder)  # fmt: skip
+    t = train_and_score(rs, runtime, source, validation, artifact, log, Hooks())
+    phases, final, pre, tres = t.phases, t.final, t.pre, t.train
     with Ticker(console if main else None, "legality probes (future, normalisation, data, provenance)"):
-        legal = check_legality(
-            rs, artifact, runtime, val_tokens, final, watch, source.provenance, fresh, recorder
-        )
-    training_side = sum(phases[k] for k in ("train", "finalize", "calibration", "export"))
+        legal = check_legality(rs, artifact, runtime, val_tokens, final, watch, source.provenance,
+                               scoring["fresh"], scoring["recorder"])  # fmt: skip
+    training_side = t.training_side
     cap = stack.train.max_wallclock_seconds
     over = cap > 0 and training_side > cap
     if over:
@@ -734,6 +897,7 @@ def _run(
             f"{phases['finalize']:.1f} + calibration {phases['calibration']:.1f} + export "
             f"{phases['export']:.1f}), over train.max_wallclock_seconds={cap:g}"
         )
+    model_bytes = t.model_bytes
     total = model_bytes + code.bytes
     result = RunResult(
         val_loss=final.val_loss,
@@ -745,7 +909,7 @@ def _run(
         artifact_bytes=total,
         artifact_limit=stack.export.artifact_limit,
         fits=total <= stack.export.artifact_limit,
-        params=n_params,
+        params=t.params,
         steps=tres.steps,
         train_tokens=tres.train_tokens,
         train_seconds=tres.train_seconds,
@@ -766,7 +930,7 @@ def _run(
         pre_quant_val_loss=pre.val_loss if pre else None,
         pre_quant_val_bpb=pre.val_bpb if pre else None,
         history=tres.history,
-        train_history=bar.points,
+        train_history=live[0].points if live else [],
         phase_seconds={k: round(v, 3) for k, v in phases.items()},
         training_side_seconds=round(training_side, 3),
         over_time=over,
@@ -777,11 +941,6 @@ def _run(
         dataset=source.provenance.fingerprint if source.provenance is not None else {},
     )
     check_result(result.to_dict())  # a non-finite or empty score is a failed run, never a result
-    log(
-        f"final (from {artifact.name} reloaded from disk): val_loss {result.val_loss:.6f} nats, "
-        f"val_bpb {result.val_bpb:.6f} over {result.val_tokens:,} tokens / {result.val_bytes:,} bytes "
-        f"in {result.eval_seconds:.1f}s"
-    )
     log(
         f"artifact: {model_bytes:,} model + {code.bytes:,} code = {total:,} bytes "
         f"({'fits' if result.fits else 'DOES NOT FIT'} the {result.artifact_limit:,} limit)"

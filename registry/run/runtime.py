@@ -172,7 +172,18 @@ def auto_threads(world_size: int = 1) -> tuple[int, str]:
 
 
 def make_runtime(train: TrainConfig, env: DistEnv | None = None) -> Runtime:
+    """The runtime ``train`` asks for (``auto`` settings resolved on this machine)."""
     env = env or DistEnv()
+    if train.threads == "auto":
+        threads, note = auto_threads(env.world_size)
+    else:
+        threads, note = train.threads, "set by train.threads"
+    return start_runtime(train, env, threads, note)
+
+
+def start_runtime(train: TrainConfig, env: DistEnv, threads: int | None, note: str = "") -> Runtime:
+    """:func:`make_runtime` with the CPU thread count given (None: torch's default); starts the
+    process group of a multi-process run."""
     want = train.device
     if want == "cuda" and not torch.cuda.is_available():
         raise PgolfError("train.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
@@ -184,11 +195,10 @@ def make_runtime(train: TrainConfig, env: DistEnv | None = None) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if train.threads == "auto":
-        threads, note = auto_threads(env.world_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
     else:
-        threads, note = train.threads, "set by train.threads"
-    torch.set_num_threads(threads)
+        threads, note = torch.get_num_threads(), note or "torch's default"
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",

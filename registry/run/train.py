@@ -17,9 +17,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -291,22 +290,21 @@ class Trainer:
         on_progress: Callable[[Progress], None] | None = None,
         log: Callable[[str], None] = lambda s: None,
         checkpointer: checkpoint.Checkpointer | None = None,
-        resume: Mapping[str, Any] | None = None,
     ) -> TrainResult:
-        """Train to the step or time limit. ``checkpointer``: writes periodic checkpoints;
-        ``resume``: a checkpoint to continue from (after the compile warm-up)."""
+        """Train to the step or time limit. ``checkpointer``: writes periodic checkpoints, and
+        holds the checkpoint to continue from, if any (restored after the compile warm-up)."""
         cfg, rt = self.cfg, self.runtime
         self.warm_up()
+        resume = checkpointer if checkpointer is not None and checkpointer.resume is not None else None
         if resume is not None:
-            checkpoint.restore_weights(self, resume)
+            resume.restore_weights(self)
         state = self.begin(log)
         history: list[dict[str, float]] = []
         loss, stopped_by = torch.full((), float("nan")), "iterations"
         finished = False
         if resume is not None:
-            history = checkpoint.restore_state(self, state, resume)
-            loss = torch.tensor(resume["last_train_loss"])
-            finished, stopped_by = bool(resume["finished"]), resume["stopped_by"] or stopped_by
+            history, last, finished, saved_by = resume.restore_state(self, state)
+            loss, stopped_by = torch.tensor(last), saved_by or stopped_by
         clock = Stopwatch(rt.synchronize)
         clock.total = state.elapsed
         stop, reported = finished, state.elapsed

@@ -55,7 +55,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             f"{str(run_dir)!r} is not a run folder (no stack.yaml; give a folder written by `pgolf run`)"
         )
     rs = load_stack(run_dir / "stack.yaml")
-    code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
+    code = code_bytes(rs, script=False)  # the files' hashes, compared with the run's manifest
     for note in verify_run_folder(run_dir, rs, code, allow_code_change=args.allow_code_change):
         err_console.print(f"[yellow]note:[/yellow] {escape(note)}")
     source = prepare_data(rs.stack, check_provenance=False)  # an overlap is a verdict here, not an error

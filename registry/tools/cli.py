@@ -284,8 +284,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if dry.time_reserve:
         console.print(f"[bold]time reserve[/bold] {dry.time_reserve:g}s inside the wall-clock cap")
     console.print(f"[bold]parameters[/bold] {dry.params:,}")
-    code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
-    console.print(f"[bold]counted code[/bold] {code.bytes:,} bytes in {len(code.files)} files")
+    code = code_bytes(rs)
+    shown = "the submission script" if not code.note else f"{len(code.files)} files (no script: {code.note})"
+    console.print(f"[bold]counted code[/bold] {code.bytes:,} bytes: {escape(shown)}")
     if not args.no_data:  # shards, id ranges and tokenizer, as `pgolf run` checks them
         with Ticker(console, "checking the data (a first run builds the default corpus)"):
             source = prepare_data(rs.stack)
@@ -328,7 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dump_nll is not None:
         check_writable(Path(args.dump_nll), "--dump-nll")
     rs = load_stack(stack_file)
-    code = code_bytes([r.cls for r in rs.techniques], default_corpus=rs.stack.data.path is None)
+    code = code_bytes(rs, script=False)  # the files' hashes, compared with the run's manifest
     for note in verify_run_folder(run_dir, rs, code, allow_code_change=args.allow_code_change):
         err_console.print(f"[yellow]note:[/yellow] {escape(note)}")
     source = prepare_data(rs.stack)
@@ -394,6 +395,50 @@ def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
         raise PgolfError(
             f"{what} {str(path)!r}: cannot write in {str(existing)!r} ({os_error_text(e)}); nothing was done"
         ) from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .submission import SCRIPT_FILE, check_submission, export_submission
+
+    if not args.dirs:
+        raise PgolfError("give a run folder to export (pgolf export RUN_DIR --out DIR), or --check DIR")
+    if args.out is None:
+        if not args.check:
+            raise PgolfError("--out DIR is required: the new submission folder to write")
+        if len(args.dirs) != 1:
+            raise PgolfError("--check without --out takes one folder: a submission written by `pgolf export`")
+        folder = Path(args.dirs[0])
+    else:
+        record = export_submission([Path(d) for d in args.dirs], Path(args.out), name=args.name,
+                                   author=args.author, github_id=args.github_id)  # fmt: skip
+        folder = Path(args.out)
+        seeds = ", ".join(str(s["seed"]) for s in record["seeds"])
+        console.print(
+            f"[bold]{escape(str(folder))}[/bold]: val_bpb {record['val_bpb']:.6f} (seed {seeds}); "
+            f"{record['bytes_total']:,} bytes = {record['bytes_model']:,} model + {record['bytes_code']:,} "
+            f"code ({SCRIPT_FILE})"
+        )
+        if not args.check:
+            return 0
+    echo = (
+        None
+        if args.quiet
+        else (lambda line: console.print(f"  [dim]|[/dim] {escape(line)}", highlight=False))
+    )
+    console.print(
+        f"checking {escape(str(folder / SCRIPT_FILE))} without pgolf (python -E -s -S, only its packages)"
+    )
+    res = check_submission(folder, tolerance=args.tolerance, echo=echo)
+    for key in ("val_bpb", "val_loss", "model_bytes", "code_bytes", "artifact_bytes"):
+        console.print(f"  {key}: script {res.got[key]!r}, run {res.expected[key]!r}", highlight=False)
+    if res.ok:
+        console.print(
+            f"[bold]the script reproduces the run[/bold] (val_bpb within {args.tolerance:g}, bytes equal)"
+        )
+        return 0
+    for p in res.problems:
+        err_console.print(f"[bold red]mismatch:[/bold red] {escape(p)}")
+    return 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,6 +701,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-score even if pgolf's or a plugin's code differs from the code the run executed",
     )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "export",
+        help="write a run as a challenge submission (train_gpt.py, model, README, submission.json, logs)",
+        description="pgolf export RUN_DIR [RUN_DIR...] --out DIR writes a submission folder (one stack, one run "
+        "per seed); --check re-runs its train_gpt.py without pgolf and compares the score and bytes "
+        "(pgolf export --check DIR checks an existing folder)",
+    )
+    p.add_argument(
+        "dirs", nargs="*", metavar="DIR", help="run folders (one per seed), or a submission with --check"
+    )
+    p.add_argument("--out", help="the new submission folder (must not exist)")
+    p.add_argument(
+        "--check", action="store_true", help="run train_gpt.py without pgolf and compare with the run"
+    )
+    p.add_argument("--tolerance", type=float, default=1e-6, help="largest val_bpb difference --check accepts")
+    p.add_argument("--name", help="submission name (default: the stack's name)")
+    p.add_argument("--author", help="author, for submission.json")
+    p.add_argument("--github-id", help="GitHub id, for submission.json")
+    p.add_argument("--quiet", action="store_true", help="do not show the script's output during --check")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("techniques", help="list techniques, or describe one")
     p.add_argument("name", nargs="?")
