@@ -152,3 +152,24 @@ def test_statements_after_return_and_empty_loops_go() -> None:
     """
     out = spec(source)
     assert run(out, Sites([])) == run(source, Sites([])) == 0 and "total" not in out
+
+
+def test_unread_parameters_and_stores_go_with_the_arguments_that_pass_them() -> None:
+    source = """
+    class Sites:
+        def __init__(self, techniques):
+            self.techniques = list(techniques)
+
+    def stream(x, *, sites=None, extra=None):
+        sites = sites or Sites(())
+        unused = set()
+        for step in reversed(sites.implementers("calibrate")):
+            x = step(x)
+        return x + 1
+
+    def main(x, sites):
+        return stream(x, sites=sites, extra=[x])
+    """
+    out = spec(source)
+    assert run(out, 1, Sites([])) == run(source, 1, Sites([])) == 2
+    assert "extra" not in out and "unused" not in out and "sites" not in out.split("def main")[0]

@@ -36,6 +36,7 @@ _PURE_CALLS = frozenset({"list", "tuple", "len", "int", "float", "str", "dict", 
 _EMPTY_OK_CALLS = frozenset(
     {"sum", "list", "tuple", "set", "any", "all", "sorted", "len", "dict", "max", "min"}
 )
+_ITERATORS = frozenset({"reversed", "enumerate", "iter", "zip", "list", "tuple", "sorted", "set"})
 _MAX_ROUNDS = 20
 
 
@@ -57,6 +58,8 @@ def specialize(
     tree = ast.parse(source)
     done = frozenset(implemented)
     keep = frozenset(keep)
+    _PURE_CLASSES.clear()
+    _PURE_CLASSES.update(_simple_classes(tree))
     _Hooks(done, hook_sites, site_hooks).visit(tree)
     for _ in range(_MAX_ROUNDS):
         before = _size(tree)
@@ -95,14 +98,46 @@ def _pure(e: ast.AST | None) -> bool:
         return _pure(e.value)
     if isinstance(e, ast.JoinedStr):
         return all(_pure(v.value) if isinstance(v, ast.FormattedValue) else True for v in e.values)
+    if isinstance(e, (ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Compare, ast.IfExp)):
+        return all(_pure(c) for c in ast.iter_child_nodes(e) if isinstance(c, ast.expr))
     if isinstance(e, ast.Call):
         return (
             isinstance(e.func, ast.Name)
-            and e.func.id in _PURE_CALLS
+            and (e.func.id in _PURE_CALLS or e.func.id in _PURE_CLASSES)
             and all(_pure(a) for a in e.args)
             and all(_pure(k.value) for k in e.keywords)
         )
     return False
+
+
+_PURE_CLASSES: set[str] = set()
+"""Classes of the module being specialised whose construction only stores values
+(:func:`_simple_classes`); set by :func:`specialize`."""
+
+
+def _simple_classes(tree: ast.Module) -> set[str]:
+    """Plain classes whose ``__init__`` (if any) only assigns plain values to attributes of self."""
+    out: set[str] = set()
+    for name, c in _plain_classes(tree).items():
+        if c.bases:
+            continue
+        init = next((m for m in c.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"), None)
+        if init is None or all(
+            isinstance(st, ast.Pass)
+            or (
+                isinstance(st, ast.Assign)
+                and all(
+                    isinstance(t, ast.Attribute)
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == init.args.args[0].arg
+                    for t in st.targets
+                )
+                and _pure(st.value)
+            )
+            for st in init.body
+        ):
+            out.add(name)
+    return out
 
 
 def _literal(e: ast.AST) -> tuple[bool, Any]:
@@ -309,7 +344,10 @@ class _Folder(ast.NodeTransformer):
 
     def visit_For(self, node: ast.For) -> Any:
         self.generic_visit(node)
-        if _is_empty(node.iter):
+        it = node.iter
+        if isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id in _ITERATORS and len(it.args) == 1 and not it.keywords:  # fmt: skip
+            it = it.args[0]
+        if _is_empty(it):
             return [s for s in node.orelse if not isinstance(s, ast.Pass)] or None
         return node
 
@@ -368,7 +406,7 @@ class _Owners(ast.NodeVisitor):
             self.stack
             and len(node.targets) == 1
             and isinstance(node.targets[0], ast.Name)
-            and (_immutable(node.value) or (isinstance(node.value, ast.List) and not node.value.elts))
+            and (_immutable(node.value) or _is_empty(node.value) or _pure(node.value))
         ):
             self.found[self.stack[-1]] = None
         self.generic_visit(node)
@@ -435,7 +473,20 @@ def _local_constants(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         parents[c] = fn
     nested = _names_in_nested(fn)
     for name, where in stores.items():
-        if len(where) != 1 or name in params or name in declared or name in nested:
+        if len(where) != 1 or name in declared or name in nested:
+            continue
+        if name in params:  # `p = p or default` that nothing reads afterwards goes
+            assign = parents.get(where[0])
+            if isinstance(assign, ast.Assign) and len(assign.targets) == 1 and _pure(assign.value):
+                inside = {id(x) for x in ast.walk(assign.value)}
+                reads = [
+                    n for n in own if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
+                ]
+                block = _block_of(assign, parents)
+                if block is not None and all(id(r) in inside for r in reads):
+                    block.remove(assign)
+                    if not block:
+                        block.append(ast.Pass())
             continue
         target = where[0]
         assign = parents.get(target)
@@ -446,6 +497,11 @@ def _local_constants(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
             continue
         value = assign.value
         loads = [n for n in own if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)]
+        if not loads and _pure(value):  # never read: the assignment goes
+            block.remove(assign)
+            if not block:
+                block.append(ast.Pass())
+            continue
         # every read in a statement after the assignment in its own block: it has run by then
         later = {id(x) for stmt in block[block.index(assign) + 1 :] for x in ast.walk(stmt)}
         if any(id(load) not in later for load in loads):
@@ -536,6 +592,7 @@ def _defaults(tree: ast.Module) -> None:
     for name, sites in calls.items():
         if sites:
             _fix_params(funcs[name], sites)
+            _drop_unused_params(funcs[name], sites, 0)
     _method_defaults(tree)
 
 
@@ -592,6 +649,7 @@ def _method_defaults(tree: ast.Module) -> None:
     for name, sites in calls.items():
         if sites:
             _fix_params(methods[name], sites, offset=1)
+            _drop_unused_params(methods[name], sites, 1)
 
 
 def _fix_params(fn: ast.FunctionDef, calls: list[ast.Call], offset: int = 0) -> None:
@@ -637,6 +695,28 @@ def _fix_params(fn: ast.FunctionDef, calls: list[ast.Call], offset: int = 0) -> 
             for c in calls:
                 c.keywords = [k for k in c.keywords if k.arg != p.arg]
             return  # one at a time: the positions changed
+
+
+def _drop_unused_params(fn: ast.FunctionDef, calls: list[ast.Call], offset: int) -> None:
+    """Parameters ``fn`` never reads (nor assigns) go, with the keyword arguments that pass them;
+    one passed by position somewhere stays."""
+    a = fn.args
+    positional = [*a.posonlyargs, *a.args]
+    names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+    for index, p in enumerate([*positional, *a.kwonlyargs]):
+        if index < offset or p.arg in names:
+            continue
+        at = index - offset
+        if index < len(positional) and any(at < len(c.args) for c in calls):
+            continue
+        if not all(_pure(k.value) for c in calls for k in c.keywords if k.arg == p.arg):
+            continue
+        if index < len(positional) and index < len(positional) - len(a.defaults):
+            continue  # required and positional: a call must pass it
+        _remove_param(fn, p.arg)
+        for c in calls:
+            c.keywords = [k for k in c.keywords if k.arg != p.arg]
+        return  # one at a time
 
 
 def _substitute(fn: ast.FunctionDef, name: str, value: ast.expr) -> None:
