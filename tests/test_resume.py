@@ -168,7 +168,7 @@ def test_ctrl_c_during_export_resumes_without_retraining(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "export_model", interrupted)
+        m.setattr(pipeline, "atomic_write", interrupted)  # the artifact's write, after training
         assert main(["run", str(f), "--out", str(out), "--quiet"]) == 130
     assert f"pgolf run --resume {out}" in capsys.readouterr().err
     partial = tmp_path / ".out.partial"
