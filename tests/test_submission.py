@@ -245,3 +245,12 @@ def test_export_refuses_an_illegal_or_not_inlinable_plugin(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert all(e in proc.stderr for e in expected), proc.stderr
     assert not out.parent.exists()  # nothing written
+
+
+def test_check_refuses_a_folder_that_is_not_a_submission(
+    nine_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["export", "--check", str(nine_run)]) == 2
+    out, err = capsys.readouterr()
+    assert "is not a submission written by `pgolf export`" in err and "Traceback" not in err
+    assert "checking" not in out  # refused before anything runs

@@ -425,10 +425,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.quiet
         else (lambda line: console.print(f"  [dim]|[/dim] {escape(line)}", highlight=False))
     )
-    console.print(
-        f"checking {escape(str(folder / SCRIPT_FILE))} without pgolf (python -E -s -S, only its packages)"
-    )
-    res = check_submission(folder, tolerance=args.tolerance, echo=echo)
+    shown = f"checking {escape(str(folder / SCRIPT_FILE))} without pgolf (python -E -s -S, only its packages)"
+    res = check_submission(folder, tolerance=args.tolerance, echo=echo, started=lambda: console.print(shown))
     for key in ("val_bpb", "val_loss", "model_bytes", "code_bytes", "artifact_bytes"):
         console.print(f"  {key}: script {res.got[key]!r}, run {res.expected[key]!r}", highlight=False)
     if res.ok:

@@ -423,7 +423,11 @@ def _data_of(folder: Path) -> tuple[Path, Path, int]:
 
 
 def check_submission(
-    folder: Path, *, tolerance: float = 1e-6, echo: Callable[[str], None] | None = None
+    folder: Path,
+    *,
+    tolerance: float = 1e-6,
+    echo: Callable[[str], None] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> CheckResult:
     """Run ``folder``'s train_gpt.py without pgolf on the run's data and seed and compare its
     score and bytes with ``submission.json``."""
@@ -457,6 +461,8 @@ def check_submission(
         if probe.returncode != 0:
             raise ExportError(f"the check's environment in {work} can import pgolf; it would not show the script "
                               "running without it")  # fmt: skip
+        if started is not None:
+            started()
         status, lines = run_isolated(work / SCRIPT_FILE, work, env, echo)
     got = next(
         (
