@@ -173,3 +173,16 @@ def test_unread_parameters_and_stores_go_with_the_arguments_that_pass_them() -> 
     out = spec(source)
     assert run(out, 1, Sites([])) == run(source, 1, Sites([])) == 2
     assert "extra" not in out and "unused" not in out and "sites" not in out.split("def main")[0]
+
+
+def test_a_call_that_may_be_a_library_method_keeps_its_arguments() -> None:
+    source = """
+    class Box:
+        def split(self, sep=None):
+            return ("box", sep)
+
+    def main(text):
+        return Box().split(sep=","), text.split(sep=",")
+    """
+    out = spec(source)
+    assert run(out, "a,b") == run(source, "a,b") == (("box", ","), ["a", "b"])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -596,6 +597,22 @@ def _defaults(tree: ast.Module) -> None:
     _method_defaults(tree)
 
 
+@functools.cache
+def _library_method_names() -> frozenset[str]:
+    """Method names of the library types the bundled code calls methods on (tensors, modules,
+    optimizers, arrays, containers, strings, paths, threads, queues)."""
+    import pathlib
+    import queue
+    import threading
+
+    import numpy as np
+    import torch
+
+    types_ = (torch.Tensor, torch.nn.Module, torch.optim.Optimizer, np.ndarray, dict, list, set, tuple, str,
+              bytes, bytearray, pathlib.Path, threading.Thread, queue.Queue, object)  # fmt: skip
+    return frozenset(n for t in types_ for n in dir(t))
+
+
 def _method_defaults(tree: ast.Module) -> None:
     """:func:`_defaults` for methods: a method whose name only one class of the module defines
     (a plain class, :func:`_plain_classes`), always called by that name (never used as a value,
@@ -646,10 +663,78 @@ def _method_defaults(tree: ast.Module) -> None:
             calls.pop(n.arg)
         elif isinstance(n, ast.Name) and n.id in calls:
             calls.pop(n.id)
+    ours = _typed_calls(tree, plain)
+    library = _library_method_names()
     for name, sites in calls.items():
-        if sites:
+        # `x.name(...)` with a name library objects have too may be their call: only when every
+        # call is known to be on an instance of the class (self, or a local made by the class)
+        if sites and (name not in library or all(id(c) in ours for c in sites)):
             _fix_params(methods[name], sites, offset=1)
             _drop_unused_params(methods[name], sites, 1)
+
+
+def _typed_calls(tree: ast.Module, plain: Mapping[str, ast.ClassDef]) -> set[int]:
+    """Calls ``x.m(...)`` known to call method ``m`` of a plain class: ``x`` is ``self`` in a
+    method of a class that has ``m``, or a local assigned once, from a call of such a class."""
+    has: dict[str, set[str]] = {}
+
+    def members(cls: str, depth: int = 0) -> set[str]:
+        if cls not in has:
+            c = plain[cls]
+            own = {m.name for m in c.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            for b in c.bases:
+                if isinstance(b, ast.Name) and b.id in plain and depth < 50:
+                    own |= members(b.id, depth + 1)
+            has[cls] = own
+        return has[cls]
+
+    out: set[int] = set()
+
+    def scan(fn: ast.FunctionDef | ast.AsyncFunctionDef, cls: str | None) -> None:
+        own = list(_scope_nodes(fn))
+        types: dict[str, str] = {}
+        stores: Counter[str] = Counter()
+        for n in own:
+            if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                stores[n.id] += 1
+            elif isinstance(n, ast.arg):
+                stores[n.arg] += 1
+        for n in own:
+            if (
+                isinstance(n, ast.Assign)
+                and len(n.targets) == 1
+                and isinstance(n.targets[0], ast.Name)
+                and isinstance(n.value, ast.Call)
+                and isinstance(n.value.func, ast.Name)
+                and n.value.func.id in plain
+                and stores[n.targets[0].id] == 1
+            ):
+                types[n.targets[0].id] = n.value.func.id
+        args = fn.args.posonlyargs + fn.args.args
+        if cls is not None and args and stores[args[0].arg] == 1:
+            types[args[0].arg] = cls
+        for n in own:
+            if (
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute)
+                and isinstance(n.func.value, ast.Name)
+            ):
+                t = types.get(n.func.value.id)
+                if t is not None and n.func.attr in members(t):
+                    out.add(id(n))
+
+    def visit(node: ast.AST, cls: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, child.name if child.name in plain and node is tree else None)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                scan(child, cls if isinstance(node, ast.ClassDef) else None)
+                visit(child, None)
+            else:
+                visit(child, cls if isinstance(node, ast.ClassDef) else None)
+
+    visit(tree, None)
+    return out
 
 
 def _fix_params(fn: ast.FunctionDef, calls: list[ast.Call], offset: int = 0) -> None:
