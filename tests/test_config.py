@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BASELINE, REPO
+from conftest import BASELINE, REPO, SP1024
 
 from pgolf.registry import ConfigError, PgolfError
 from pgolf.registry.api.config import load_stack, stack_from_dict
@@ -192,8 +193,35 @@ def test_missing_stack_file() -> None:
 def test_data_path_requires_tokenizer_and_is_made_absolute(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.tokenizer is required"):
         stack_from_dict({"data": {"path": "x"}})
+    shutil.copyfile(SP1024, tmp_path / "tok.model")
     rs = stack_from_dict({"data": {"path": "shards", "tokenizer": "tok.model"}}, base_dir=tmp_path)
     assert Path(rs.stack.data.path or "").is_absolute()
+    assert rs.stack.data.tokenizer == str(tmp_path / "tok.model") and rs.stack.model.vocab_size == 1024
+
+
+def test_the_vocabulary_follows_the_tokenizer(tmp_path: Path) -> None:
+    sp4096 = SP1024.parent / "fineweb_4096_bpe.model"
+    for tokenizer, data, size in (("sp8192", {}, 8192), ("SP4096", {}, 4096), (None, {}, 1024),
+                                  (str(sp4096), {"path": str(tmp_path)}, 4096),
+                                  ("sp1024", {"path": str(tmp_path)}, 1024)):  # fmt: skip
+        rs = stack_from_dict({"data": {"tokenizer": tokenizer, **data}})
+        assert rs.stack.model.vocab_size == rs.spec.vocab_size == size, tokenizer
+    assert stack_from_dict({"data": {"tokenizer": "sp1024", "path": "x"}}).stack.data.tokenizer == "sp1024"
+    # an explicit vocabulary must agree with the tokenizer; without one it is the embedded corpus's size
+    assert stack_from_dict({"model": {"vocab_size": 64}}).stack.model.vocab_size == 64
+    assert stack_from_dict({"model": {"vocab_size": 8192}, "data": {"tokenizer": "sp8192"}})
+    for raw, key, words in (
+        ({"model": {"vocab_size": 1024}, "data": {"tokenizer": "sp8192"}}, "model.vocab_size", "8192 pieces"),
+        ({"model": {"vocab_size": 1024}, "data": {"tokenizer": str(sp4096), "path": "x"}}, "model.vocab_size",
+         "fineweb_4096_bpe.model has 4096 pieces; remove model.vocab_size"),
+        ({"data": {"tokenizer": "missing.model", "path": "x"}}, "data.tokenizer", "does not exist"),
+        ({"data": {"tokenizer": str(sp4096)}}, "data", "data.path is null"),
+        ({"data": {"tokenizer": "sp4"}}, "data", "8 … 65536"),
+        ({"model": {"vocab_size": 100000}}, "model.vocab_size", "8 … 65536"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError) as exc:
+            stack_from_dict(raw, base_dir=tmp_path)
+        assert words in problems_of(exc)[key], raw
 
 
 def test_resolved_yaml_reloads_to_the_same_stack(tmp_path: Path) -> None:

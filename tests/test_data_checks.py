@@ -75,6 +75,39 @@ def test_shards_run_with_another_tokenizer_are_refused_naming_both(
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_a_tokenizer_named_by_size_is_found_where_the_challenge_puts_it(
+    text_dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    from pgolf.registry.api.config import stack_from_dict
+    from pgolf.registry.run.pipeline import prepare_data
+
+    # the challenge's layout: data/datasets/fineweb10B_sp1024 beside data/tokenizers/fineweb_1024_bpe.model
+    folder = copy_dataset(text_dataset[0], tmp_path / "data" / "datasets" / "fineweb10B_sp1024", manifest=False)
+    (folder / "tokenizer.model").unlink()
+    (tmp_path / "data" / "tokenizers").mkdir()
+    shutil.copyfile(SP1024, tmp_path / "data" / "tokenizers" / "fineweb_1024_bpe.model")
+    rs = stack_from_dict({"data": {"path": str(folder), "tokenizer": "sp1024"}})
+    assert rs.stack.model.vocab_size == 1024
+    assert prepare_data(rs.stack).tokenizer == tmp_path / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+    # a `pgolf data build` folder holds its own tokenizer.model
+    built = text_dataset[0]
+    assert prepare_data(stack_from_dict({"data": {"path": str(built), "tokenizer": "sp1024"}}).stack).tokenizer == (
+        built / "tokenizer.model")  # fmt: skip
+    with pytest.raises(DataError, match=r"sp4096: no 4096-piece .* looked at .*tokenizer.model \(1024 pieces\)"):
+        prepare_data(stack_from_dict({"data": {"path": str(built), "tokenizer": "sp4096"}}).stack)
+
+
+def test_a_tokenizer_whose_bos_is_not_1_is_refused(tmp_path: Path) -> None:
+    sp_file = tmp_path / "bos2.model"
+    text = [f"document number {i} with some words in it" for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(sp_file.with_suffix("")),
+                                   vocab_size=40, bos_id=2, eos_id=1, minloglevel=2)  # fmt: skip
+    data.write_shard(tmp_path / "fineweb_train_000000.bin", [2, 5, 6] * 100)
+    data.write_shard(tmp_path / "fineweb_val_000000.bin", [2, 5, 6] * 100)
+    with pytest.raises(DataError, match="its BOS id is 2, but the challenge format starts every document with id 1"):
+        check_dataset(tmp_path, *shards(tmp_path), sp_file, 40)
+
+
 def test_foreign_shards_without_a_manifest_are_refused_by_their_statistics(
     text_dataset: tuple[Path, list[str]], tmp_path: Path
 ) -> None:

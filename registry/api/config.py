@@ -7,8 +7,10 @@ collected and raised together as one :class:`ConfigError` that names each key pa
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from .selectors import LayerSelector
 from .technique import REGISTRY, ModelSpec, Resolved, pydantic_problems, resolve_techniques
 
 ARTIFACT_LIMIT = 16_000_000
+DEFAULT_VOCAB_SIZE = 1024
 
 
 class _Section(BaseModel):
@@ -39,7 +42,11 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The base GPT (challenge baseline defaults)."""
 
-    vocab_size: int = Field(1024, ge=8, le=65536, description="tokenizer vocabulary (tokens are uint16)")
+    vocab_size: int = Field(
+        0,
+        description="the tokenizer's vocabulary (tokens are uint16); 0 or null: follows data.tokenizer "
+        "(1024 when that is null too)",
+    )
     num_layers: int = Field(9, ge=1, le=256)
     model_dim: int = Field(512, ge=8, le=16384)
     num_heads: int = Field(8, ge=1)
@@ -47,9 +54,21 @@ class ModelConfig(_Section):
     mlp_mult: float = Field(2.0, gt=0, le=16, description="MLP hidden = int(mlp_mult * model_dim)")
     tie_embeddings: bool = True
     tied_embed_init_std: float = Field(0.005, gt=0)
+    embed_init_std: float = Field(
+        1.0, gt=0, description="std of the input embedding's normal init when embeddings are untied"
+    )
     rope_base: float = Field(10000.0, gt=1)
     logit_softcap: float = Field(30.0, gt=0)
     qk_gain_init: float = Field(1.5, gt=0)
+
+    @field_validator("vocab_size", mode="before")
+    @classmethod
+    def _vocab(cls, v: Any) -> Any:
+        if v is None:
+            return 0
+        if isinstance(v, int) and not isinstance(v, bool) and v != 0 and not 8 <= v <= 65536:
+            raise ValueError("expected 8 … 65536 (token ids are uint16), or null to follow data.tokenizer")
+        return v
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
@@ -68,11 +87,32 @@ class ModelConfig(_Section):
         return int(self.mlp_mult * self.model_dim)
 
 
+TOKENIZER_NAME = re.compile(r"^sp(\d+)$", re.IGNORECASE)
+"""``sp1024``, ``sp4096``, ``sp8192``, …: a challenge tokenizer named by its vocabulary size."""
+
+
+def tokenizer_name_size(name: str | None) -> int | None:
+    """The vocabulary size a tokenizer name gives (``sp8192`` -> 8192), None for a file path."""
+    m = TOKENIZER_NAME.match(name or "")
+    return int(m.group(1)) if m else None
+
+
 class DataConfig(_Section):
-    """Where the tokens come from. ``path: null`` uses the embedded default corpus."""
+    """Where the tokens come from. ``path: null`` uses the embedded default corpus.
+
+    ``tokenizer`` is a SentencePiece ``.model`` file or a challenge tokenizer's name, ``sp1024`` /
+    ``sp4096`` / ``sp8192`` (any ``sp<N>``). With ``path``, a name is looked up as the challenge
+    lays its data out (``<path>/../../tokenizers/fineweb_<N>_bpe.model``, next to
+    ``datasets/fineweb10B_sp<N>``) or as the ``tokenizer.model`` of a ``pgolf data build`` folder
+    of that size; without ``path`` the embedded corpus is built with an N-piece tokenizer trained
+    with the challenge's settings. ``model.vocab_size`` follows the tokenizer."""
 
     path: str | None = Field(None, description="folder with fineweb_{train,val}_NNNNNN.bin shards")
-    tokenizer: str | None = Field(None, description="SentencePiece .model (required with path)")
+    tokenizer: str | None = Field(
+        None,
+        description="SentencePiece .model, or sp1024 / sp4096 / sp8192 (required with path; null without "
+        "path: sp1024)",
+    )
     train_shards: int | None = Field(None, ge=1, description="use only the first N train shards")
     cache_dir: str | None = Field(
         None, description="where the default corpus is built (default ~/.cache/pgolf)"
@@ -82,6 +122,14 @@ class DataConfig(_Section):
     def _pair(self) -> DataConfig:
         if self.path is not None and self.tokenizer is None:
             raise ValueError("data.tokenizer is required when data.path is set")
+        size = tokenizer_name_size(self.tokenizer)
+        if size is not None and not 8 <= size <= 65536:
+            raise ValueError(f"data.tokenizer {self.tokenizer!r}: the vocabulary must be 8 … 65536")
+        if self.path is None and self.tokenizer is not None and size is None:
+            raise ValueError(
+                f"data.tokenizer {self.tokenizer!r} is a file but data.path is null: the embedded corpus "
+                "trains its own tokenizer; name its size (sp1024, sp4096, sp8192) or set data.path"
+            )
         return self
 
 
@@ -217,6 +265,17 @@ class Stack(_Section):
     eval: EvalConfig = EvalConfig()
     techniques: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _vocabulary(self) -> Stack:
+        """model.vocab_size follows a named tokenizer (``sp8192``), or is 1024 with none; a
+        tokenizer file is read by :func:`validate` once its path is resolved."""
+        named = tokenizer_name_size(self.data.tokenizer)
+        want = self.model.vocab_size  # a mismatch with the tokenizer is reported by validate()
+        if want == 0 and (named is not None or self.data.tokenizer is None):
+            model = self.model.model_copy(update={"vocab_size": named or DEFAULT_VOCAB_SIZE})
+            object.__setattr__(self, "model", model)  # frozen: set once, while validating
+        return self
+
     @property
     def model_spec(self) -> ModelSpec:
         m = self.model
@@ -230,6 +289,7 @@ class Stack(_Section):
             train_seq_len=self.train.train_seq_len,
             tie_embeddings=m.tie_embeddings,
             tied_embed_init_std=m.tied_embed_init_std,
+            embed_init_std=m.embed_init_std,
             rope_base=m.rope_base,
             logit_softcap=m.logit_softcap,
             qk_gain_init=m.qk_gain_init,
@@ -499,6 +559,10 @@ def validate(data: Mapping[str, Any], source: str = "<stack>", base_dir: Path | 
         problems.extend(_check_selectors(resolved, stack.model.num_layers))
     if stack is not None and stack.data.path is not None:
         stack = stack.model_copy(update={"data": _absolute_data(stack.data, base_dir)})
+    if stack is not None:
+        stack, problem = _resolve_vocabulary(stack)
+        if problem:
+            problems.append(problem)
     if problems or stack is None:
         raise ConfigError(problems, source=source)
     stack = stack.model_copy(
@@ -520,10 +584,55 @@ def _absolute_data(data: DataConfig, base_dir: Path) -> DataConfig:
     return data.model_copy(
         update={
             "path": fix(data.path),
-            "tokenizer": fix(data.tokenizer),
+            "tokenizer": data.tokenizer if tokenizer_name_size(data.tokenizer) else fix(data.tokenizer),
             "cache_dir": data.cache_dir and str(Path(data.cache_dir).expanduser().resolve()),
         }
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _pieces(key: tuple[str, int, int]) -> int:
+    import sentencepiece as spm
+
+    return int(spm.SentencePieceProcessor(model_file=key[0]).vocab_size())
+
+
+def tokenizer_pieces(path: str | Path) -> int:
+    """The vocabulary size of a SentencePiece model file (remembered per file version)."""
+    st = Path(path).stat()
+    return _pieces((str(Path(path).resolve()), st.st_size, st.st_mtime_ns))
+
+
+def _resolve_vocabulary(stack: Stack) -> tuple[Stack, tuple[str, str] | None]:
+    """Fill model.vocab_size from a tokenizer file, or check an explicit one against the
+    tokenizer (named or a file)."""
+    tok = stack.data.tokenizer
+    want = stack.model.vocab_size
+    named = tokenizer_name_size(tok)
+    if named is not None and want != named:
+        return stack, (
+            "model.vocab_size",
+            f"{want}, but data.tokenizer {tok} has {named} pieces; remove model.vocab_size (it follows "
+            "the tokenizer)",
+        )
+    if tok is None or named is not None:
+        return stack, None
+    path = Path(tok)
+    if not path.is_file():
+        if want:
+            return stack, None  # the data check reports the missing file
+        return stack, ("data.tokenizer", f"file {tok!r} does not exist (model.vocab_size follows it)")
+    try:
+        size = tokenizer_pieces(path)
+    except (OSError, RuntimeError) as e:
+        return stack, ("data.tokenizer", f"{tok!r} is not a SentencePiece model ({e})")
+    if want and want != size:
+        return stack, (
+            "model.vocab_size",
+            f"{want}, but data.tokenizer {path.name} has {size} pieces; remove model.vocab_size "
+            "(it follows the tokenizer)",
+        )
+    return stack.model_copy(update={"model": stack.model.model_copy(update={"vocab_size": size})}), None
 
 
 def _check_selectors(resolved: list[Resolved], num_layers: int) -> list[tuple[str, str]]:

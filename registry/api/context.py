@@ -15,14 +15,18 @@ class Ctx:
 
     ``idx``        token ids (B,T) int64
     ``x0``         the normalised embedding (B,T,D) (set after the embedding chain)
-    ``layer``      physical index of the block being run; ``virtual`` its index in the schedule
+    ``layer``      physical index of the block being run; ``virtual`` its index in the schedule;
+                   ``repeat`` how many times that physical block already ran in this forward (0 on
+                   its first pass, 1 on the second pass of a looped block, ...)
     ``switches``   names of the switches that are on (a tuple, so torch.compile keeps one graph each)
     ``state``      a dict for cross-layer state (e.g. layer-0 values for value residual)
     ``rope``       the rotary tables of this forward; ``rotary`` the rotary module
     ``v`` / ``attn_input``  inside attention: the layer's values (B,T,KV,Dh) and its normalised input
     """
 
-    __slots__ = ("attn_input", "idx", "layer", "rope", "rotary", "state", "switches", "v", "virtual", "x0")
+    __slots__ = (
+        "attn_input", "idx", "layer", "repeat", "rope", "rotary", "state", "switches", "v", "virtual", "x0",
+    )  # fmt: skip
 
     def __init__(self, idx: Tensor, switches: tuple[str, ...] = ()):
         self.idx = idx
@@ -30,6 +34,7 @@ class Ctx:
         self.state: dict[str, Any] = {}
         self.layer = -1
         self.virtual = -1
+        self.repeat = 0
         self.x0: Tensor | None = None
         self.rope: Any = None
         self.rotary: Any = None
@@ -44,6 +49,8 @@ class TrainState:
     ``fraction`` is the share of the run done: elapsed / max_seconds when capped by wall clock
     (whichever of that and step / iterations is larger), else step / iterations.
     ``max_seconds`` is the cap minus every technique's time reserve (0 = no cap).
+    ``shared`` is a dict for state that techniques hand each other during training (e.g. the EMA
+    weights, which SWA averages when both are in the stack); keys are technique names.
     """
 
     step: int = 0
@@ -53,6 +60,7 @@ class TrainState:
     lr_mult: float = 1.0
     switches: tuple[str, ...] = ()
     seq_len: int = 0
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
@@ -85,10 +93,16 @@ class Switch:
 
 @dataclass(frozen=True)
 class BatchShape:
-    """The training sequence length over the run: every length it may return is in ``lengths``."""
+    """The training sequence length over the run: every length it may return is in ``lengths``.
+
+    ``lr_scale(state)``, when given, multiplies every group's learning rate on top of the LR
+    schedule (a short re-warm-up after a length change); ``state.lr_mult``, which switches and
+    weight averaging read, stays the schedule's multiplier.
+    """
 
     lengths: tuple[int, ...]
     seq_len: Callable[[TrainState], int]
+    lr_scale: Callable[[TrainState], float] | None = None
 
 
 class BlockSchedule:

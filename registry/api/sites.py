@@ -162,8 +162,8 @@ SITES: dict[str, Site] = {
               ("wd_schedule", (), "fn(state: TrainState) -> multiplier", None)),
         _site("batch_shape", "schedule", SLOT, "train.train_seq_len throughout",
               "the training sequence length over the run",
-              ("batch_shape", (), "a BatchShape: lengths (all it may use, compiled in warm-up) and "
-               "seq_len(state) -> int", None)),
+              ("batch_shape", (), "a BatchShape: lengths (all it may use, compiled in warm-up), "
+               "seq_len(state) -> int and an optional lr_scale(state) (re-warm-up after a change)", None)),
         _site("switches", "schedule", CHAIN, "-",
               "flags flipped once by training progress (recurrence start, late QAT); passed into the "
               "forward as ctx.switches so torch.compile keeps one graph per state, compiled in warm-up",
@@ -184,7 +184,8 @@ SITES: dict[str, Site] = {
         _site("on_train_start", "train", EVENT, "-", "after the compile warm-up, before step 1",
               ("on_train_start", ("model", "state"), "")),
         _site("on_step", "train", EVENT, "-", "after every optimizer step",
-              ("on_step", ("model", "state"), "state: TrainState (step, elapsed, fraction, lr_mult, switches)")),
+              ("on_step", ("model", "state"), "state: TrainState (step, elapsed, fraction, lr_mult, switches, "
+               "shared: a dict techniques hand each other state in)")),
         _site("finalize", "train", EVENT, "-", "after training, before calibration and export (EMA swap)",
               ("finalize", ("model", "state"), "")),
         _site("calibrate", "train", EVENT, "-",

@@ -70,6 +70,7 @@ class ModelSpec:
     train_seq_len: int
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
+    embed_init_std: float = 1.0
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5

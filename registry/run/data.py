@@ -35,6 +35,10 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_BYTES = 2
 MAX_TOKEN_ID = 65535
+BOS_ID = 1
+"""The token that starts every document (``[BOS] + tokens``; the challenge's tokenizers and every
+tokenizer ``pgolf data build`` writes use id 1). Document-aware techniques (SmearGate's BOS
+mask, BigramHash's reserved row, document-masked attention, document-packed loading) read it."""
 
 assert HEADER_BYTES == 1024
 

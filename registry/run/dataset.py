@@ -219,6 +219,43 @@ def _val_bytes(val: Sequence[Path], lut: bpb.ByteLUT) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# tokenizers named by size
+# --------------------------------------------------------------------------------------------
+
+
+def named_tokenizer_candidates(folder: Path, size: int) -> list[Path]:
+    """Where the tokenizer ``sp<size>`` of a shard folder may be, in the order looked at: the
+    ``tokenizer.model`` of a ``pgolf data build`` folder, then the challenge's layout
+    (``data/datasets/fineweb10B_sp<size>`` beside ``data/tokenizers/fineweb_<size>_bpe.model``)."""
+    folder = Path(folder)
+    name = f"fineweb_{size}_bpe.model"
+    return [
+        folder / "tokenizer.model",
+        folder.parent.parent / "tokenizers" / name,
+        folder.parent / "tokenizers" / name,
+        folder / name,
+    ]
+
+
+def find_named_tokenizer(folder: Path, name: str, size: int) -> Path:
+    """The SentencePiece file of the tokenizer ``name`` (``sp8192``, ``size`` pieces) for the
+    shards in ``folder``; :class:`DataError` naming every place looked at when none fits."""
+    looked = []
+    for cand in named_tokenizer_candidates(folder, size):
+        if cand.is_file():
+            pieces = int(bpb.load_tokenizer(cand).vocab_size())
+            if pieces == size:
+                return cand
+            looked.append(f"{cand} ({pieces} pieces)")
+        else:
+            looked.append(f"{cand} (absent)")
+    raise DataError(
+        f"data.tokenizer {name}: no {size}-piece SentencePiece model found for the shards in {folder}; "
+        f"looked at {', '.join(looked)}. Give data.tokenizer as the .model file"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # the check
 # --------------------------------------------------------------------------------------------
 
@@ -254,7 +291,12 @@ def _check_cached(
     if size != vocab:
         raise DataError(
             f"data.tokenizer {tok.name} has {size} pieces but model.vocab_size is {vocab}; "
-            f"set model.vocab_size: {size}"
+            "remove model.vocab_size (it follows the tokenizer)"
+        )
+    if sp.bos_id() != data.BOS_ID:
+        raise DataError(
+            f"data.tokenizer {tok.name}: its BOS id is {sp.bos_id()}, but the challenge format starts every "
+            f"document with id {data.BOS_ID} ([BOS] + tokens), which document-aware techniques rely on"
         )
     sha = file_sha256(tok)
     has_manifest = _check_recorded_tokenizer(folder, tok, sp, sha)

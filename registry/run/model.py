@@ -392,7 +392,8 @@ class GPT(nn.Module):
         sites = sites or Dispatcher(())
         self.spec = spec
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.model_dim)
-        nn.init.normal_(self.tok_emb.weight, std=spec.tied_embed_init_std)
+        std = spec.tied_embed_init_std if spec.tie_embeddings else spec.embed_init_std
+        nn.init.normal_(self.tok_emb.weight, std=std)  # the baseline: N(0, 1) (nn.Embedding's) when untied
         set_role(self.tok_emb.weight, Role.EMBEDDING, Kind.EMBED)
         self.embed = nn.ModuleList(sites.chain("embed"))
         self.rotary: RotaryBase = sites.slot("rotary", lambda: Rotary(spec.head_dim, spec.rope_base))
@@ -423,12 +424,15 @@ class GPT(nn.Module):
         ctx.rope = self.rotary.tables(idx.size(1), idx.device)
         encoder, decoder = self.schedule.order(switches)
         skips: list[Tensor] = []
+        runs: dict[int, int] = {}  # physical block -> passes so far (ctx.repeat)
         for v, i in enumerate(encoder):
-            ctx.layer, ctx.virtual = i, v
+            ctx.layer, ctx.virtual, ctx.repeat = i, v, runs.get(i, 0)
+            runs[i] = ctx.repeat + 1
             x = self.blocks[i](x, ctx)
             skips.append(x)
         for j, i in enumerate(decoder):
-            ctx.layer, ctx.virtual = i, len(encoder) + j
+            ctx.layer, ctx.virtual, ctx.repeat = i, len(encoder) + j, runs.get(i, 0)
+            runs[i] = ctx.repeat + 1
             if skips:
                 x = self.skip_merge(x, skips.pop(), j, ctx)
             x = self.blocks[i](x, ctx)

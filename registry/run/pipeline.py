@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..api.config import ResolvedStack, Stack
+from ..api.config import ResolvedStack, Stack, tokenizer_name_size
 from ..api.context import CalibrationData
 from ..api.errors import DataError, PgolfError
 from ..api.roles import Role, format_role_table, param_infos, relabel
@@ -35,7 +35,7 @@ from ..api.sites import SITES, Dispatcher
 from ..api.technique import Technique
 from . import bpb, checkpoint, data, legality
 from .code import code_bytes
-from .dataset import check_dataset
+from .dataset import check_dataset, find_named_tokenizer
 from .evaluate import EvalResult, Violation, evaluate
 from .export import (
     ARTIFACT_NAME,
@@ -190,6 +190,9 @@ def prepare_data(stack: Stack, *, check_provenance: bool = True) -> DataSource:
         folder, tok = Path(d.path), Path(d.tokenizer or "")
         if not folder.is_dir():
             raise DataError(f"data.path: folder {str(folder)!r} does not exist")
+        named = tokenizer_name_size(d.tokenizer)
+        if named is not None:
+            tok = find_named_tokenizer(folder, str(d.tokenizer), named)
         if not tok.is_file():
             raise DataError(f"data.tokenizer: file {str(tok)!r} does not exist")
         desc = f"{folder} (tokenizer {tok.name})"

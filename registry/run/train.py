@@ -200,7 +200,8 @@ class Trainer:
         (``state.lr_mult`` and ``state.seq_len`` are updated)."""
         cfg, o = self.cfg, self.stack.optim
         state.lr_mult = self.lr_schedule(state)
-        self.opt.set_multipliers(state.lr_mult, self.wd_schedule(state))
+        rewarm = self.shape.lr_scale(state) if self.shape.lr_scale is not None else 1.0
+        self.opt.set_multipliers(state.lr_mult * rewarm, self.wd_schedule(state))
         self.opt.set_muon_momentum(
             muon_momentum_at(
                 state.step,

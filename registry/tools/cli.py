@@ -603,11 +603,13 @@ def cmd_data_build(args: argparse.Namespace) -> int:
             shard_tokens=args.shard_tokens,
             txt_mode=args.txt_docs,
             text_key=args.text_key,
+            tokenizer_train_docs=args.tokenizer_train_docs,
             option_names={
                 "tokenizer": "--tokenizer",
                 "vocab_size": "--vocab-size",
                 "val_docs": "--val-docs",
                 "shard_tokens": "--shard-tokens",
+                "tokenizer_train_docs": "--tokenizer-train-docs",
             },
         )
     except OSError as e:  # build_dataset writes beside --out and removes its work on failure
@@ -733,6 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", help="existing SentencePiece .model")
     b.add_argument(
         "--vocab-size", type=int, help="train a SentencePiece BPE of this size (challenge settings)"
+    )
+    b.add_argument(
+        "--tokenizer-train-docs",
+        type=int,
+        help="with --vocab-size: train the tokenizer on the first N documents only (the challenge's SP4096 "
+        "and SP8192: 5,000,000); default all",
     )
     b.add_argument("--val-docs", type=int, default=50_000, help="the first N documents are validation")
     b.add_argument("--shard-tokens", type=int, default=100_000_000)

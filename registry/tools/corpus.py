@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -38,12 +39,11 @@ import sentencepiece as spm
 
 from ..api.errors import DataError, os_error_text
 from ..run.bpb import build_byte_lut, load_tokenizer
-from ..run.data import MAX_TOKEN_ID, check_shards, find_shards, shard_name, write_shard
+from ..run.data import BOS_ID, MAX_TOKEN_ID, check_shards, find_shards, shard_name, write_shard
 from ..run.dataset import MANIFEST, check_dataset, file_sha256
 
 TXT_MODES = ("file", "paragraph", "line")
 DOC_SUFFIXES = (".jsonl", ".txt")
-BOS_ID = 1
 DATASET_JSON = MANIFEST
 TOKENIZER_FILE = "tokenizer.model"
 DATASET_FORMAT = "pgolf-dataset"
@@ -336,6 +336,7 @@ OPTION_NAMES: dict[str, str] = {
     "vocab_size": "vocab_size",
     "val_docs": "val_docs",
     "shard_tokens": "shard_tokens",
+    "tokenizer_train_docs": "tokenizer_train_docs",
 }
 """How errors name :func:`build_dataset`'s arguments; the CLI passes its flags (``--val-docs``)."""
 
@@ -380,12 +381,14 @@ def _write_dataset(
     shard_tokens: int,
     settings: dict[str, Any],
     names: Mapping[str, str] = OPTION_NAMES,
+    tokenizer_train_docs: int | None = None,
 ) -> None:
     """Write the whole dataset into the existing empty folder ``work``."""
     _count_documents(docs, sources, val_docs, names)
     model = work / TOKENIZER_FILE
     if vocab_size is not None:
-        train_tokenizer(docs(), vocab_size, work / "tokenizer", setting=names["vocab_size"])
+        first = itertools.islice(docs(), tokenizer_train_docs) if tokenizer_train_docs else docs()
+        train_tokenizer(first, vocab_size, work / "tokenizer", setting=names["vocab_size"])
     else:
         assert tokenizer is not None
         _check_tokenizer(Path(tokenizer))
@@ -401,6 +404,7 @@ def _write_dataset(
         "tokenizer_source": str(tokenizer) if tokenizer is not None else None,
         "tokenizer_trained": vocab_size is not None,
         "requested_vocab_size": vocab_size,
+        "tokenizer_train_docs": tokenizer_train_docs if vocab_size is not None else None,
         "bos_id": BOS_ID,
         "sources": list(sources),
         "settings": {"val_docs": val_docs, "shard_tokens": shard_tokens, **settings},
@@ -444,11 +448,14 @@ def build_dataset(
     txt_mode: str = "file",
     text_key: str = "text",
     option_names: Mapping[str, str] | None = None,
+    tokenizer_train_docs: int | None = None,
 ) -> DatasetInfo:
     """Tokenize the documents of ``inputs`` into a challenge-format dataset folder ``out_dir``.
 
     Give either ``tokenizer`` (copied in as ``tokenizer.model``) or ``vocab_size`` (a tokenizer is
-    trained on all documents, validation ones included, as the challenge's pipeline did). The first
+    trained with the challenge's settings on the first ``tokenizer_train_docs`` documents, all when
+    None, validation ones included, as the challenge's pipeline did: its SP4096 and SP8192 were
+    trained on the first 5,000,000 documents). The first
     ``val_docs`` documents form the validation split. The folder is written beside ``out_dir`` and
     renamed into place at the end, so a failure leaves no half-written ``out_dir`` and no folder
     it had to create. Errors name the arguments as ``option_names`` says (default
@@ -457,6 +464,12 @@ def build_dataset(
     out_dir = Path(out_dir)
     names = {**OPTION_NAMES, **(option_names or {})}
     _check_build_args(tokenizer, vocab_size, val_docs, shard_tokens, names)
+    if tokenizer_train_docs is not None and tokenizer_train_docs < 1:
+        raise DataError(f"{names['tokenizer_train_docs']} must be at least 1, got {tokenizer_train_docs}")
+    if tokenizer_train_docs is not None and vocab_size is None:
+        raise DataError(
+            f"{names['tokenizer_train_docs']} applies when a tokenizer is trained ({names['vocab_size']})"
+        )
     if not inputs:
         raise DataError("no input document files given")
     _refuse_nonempty(out_dir)
@@ -476,6 +489,7 @@ def build_dataset(
             shard_tokens=shard_tokens,
             settings=settings,
             names=names,
+            tokenizer_train_docs=tokenizer_train_docs,
         )
         _refuse_nonempty(out_dir)
         if out_dir.exists():
