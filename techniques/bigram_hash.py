@@ -1,8 +1,10 @@
 """BigramHash embedding: add a hashed (previous, current) token-pair embedding to the input.
 
 What: a second table T (buckets × dim). Position t ≥ 1 looks up bucket
-h_t = (36313·x_t XOR 27191·x_{t−1}) mod (buckets − 1); position 0 uses the reserved bucket
-buckets − 1. The row is projected to model_dim by P (dim → model_dim, no bias), scaled by a
+h_t = (36313·x_t XOR 27191·x_{t−1}) mod (buckets − 1); position 0 and every BOS position
+(x_t = BOS, the first token of a document) use the reserved bucket buckets − 1, so the pair
+(last token of the previous document, BOS) is never hashed: nothing crosses a document boundary,
+as with SmearGate's BOS fix (``bos_fix: false`` hashes it, as the records did). The row is projected to model_dim by P (dim → model_dim, no bias), scaled by a
 learned scalar s, and added to the token embedding before the input RMSNorm:
 x ← E[x_t] + s·P·T[h_t].
 
@@ -34,6 +36,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pgolf.registry import Ctx, Kind, Params, Role, Technique, hook, register, set_role
+from pgolf.registry.run.data import BOS_ID
 
 
 class BigramHashParams(Params):
@@ -42,22 +45,24 @@ class BigramHashParams(Params):
     )
     dim: int = Field(128, ge=1, le=4096, description="table width, projected up to model_dim")
     scale_init: float = Field(0.05, ge=0, description="initial value of the learned output scale s")
+    bos_fix: bool = Field(True, description="BOS positions take the reserved row (no cross-document pair)")
 
 
-def bigram_hash(tokens: Tensor, buckets: int) -> Tensor:
-    """Bucket ids (same shape as tokens (..., T)): XOR hash of (x_{t-1}, x_t); position 0 -> buckets-1."""
+def bigram_hash(tokens: Tensor, buckets: int, bos: int | None = BOS_ID) -> Tensor:
+    """Bucket ids (same shape as tokens (..., T)): XOR hash of (x_{t-1}, x_t); position 0 and, unless
+    ``bos`` is None, every position holding ``bos`` -> buckets-1 (the reserved row)."""
     t = tokens.to(torch.int64)
     mod = buckets - 1
     out = torch.empty_like(t)
     out[..., 0] = mod
     out[..., 1:] = torch.bitwise_xor(36313 * t[..., 1:], 27191 * t[..., :-1]) % mod
-    return out
+    return out if bos is None else out.masked_fill(t == bos, mod)
 
 
 class BigramHashEmbedding(nn.Module):
     def __init__(self, p: BigramHashParams, model_dim: int):
         super().__init__()
-        self.buckets = p.buckets
+        self.buckets, self.bos = p.buckets, (BOS_ID if p.bos_fix else None)
         self.table = nn.Embedding(p.buckets, p.dim)
         self.proj = nn.Linear(p.dim, model_dim, bias=False)
         self.scale = nn.Parameter(torch.tensor(float(p.scale_init)))
@@ -68,7 +73,7 @@ class BigramHashEmbedding(nn.Module):
         set_role(self.scale, Role.SCALAR)
 
     def forward(self, x: Tensor, ctx: Ctx) -> Tensor:
-        extra = self.proj(self.table(bigram_hash(ctx.idx, self.buckets)))
+        extra = self.proj(self.table(bigram_hash(ctx.idx, self.buckets, self.bos)))
         return x + self.scale.to(extra.dtype) * extra.to(x.dtype)
 
 

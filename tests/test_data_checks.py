@@ -82,7 +82,9 @@ def test_a_tokenizer_named_by_size_is_found_where_the_challenge_puts_it(
     from pgolf.registry.run.pipeline import prepare_data
 
     # the challenge's layout: data/datasets/fineweb10B_sp1024 beside data/tokenizers/fineweb_1024_bpe.model
-    folder = copy_dataset(text_dataset[0], tmp_path / "data" / "datasets" / "fineweb10B_sp1024", manifest=False)
+    folder = copy_dataset(
+        text_dataset[0], tmp_path / "data" / "datasets" / "fineweb10B_sp1024", manifest=False
+    )
     (folder / "tokenizer.model").unlink()
     (tmp_path / "data" / "tokenizers").mkdir()
     shutil.copyfile(SP1024, tmp_path / "data" / "tokenizers" / "fineweb_1024_bpe.model")
@@ -93,7 +95,9 @@ def test_a_tokenizer_named_by_size_is_found_where_the_challenge_puts_it(
     built = text_dataset[0]
     assert prepare_data(stack_from_dict({"data": {"path": str(built), "tokenizer": "sp1024"}}).stack).tokenizer == (
         built / "tokenizer.model")  # fmt: skip
-    with pytest.raises(DataError, match=r"sp4096: no 4096-piece .* looked at .*tokenizer.model \(1024 pieces\)"):
+    with pytest.raises(
+        DataError, match=r"sp4096: no 4096-piece .* looked at .*tokenizer.model \(1024 pieces\)"
+    ):
         prepare_data(stack_from_dict({"data": {"path": str(built), "tokenizer": "sp4096"}}).stack)
 
 
@@ -104,7 +108,9 @@ def test_a_tokenizer_whose_bos_is_not_1_is_refused(tmp_path: Path) -> None:
                                    vocab_size=40, bos_id=2, eos_id=1, minloglevel=2)  # fmt: skip
     data.write_shard(tmp_path / "fineweb_train_000000.bin", [2, 5, 6] * 100)
     data.write_shard(tmp_path / "fineweb_val_000000.bin", [2, 5, 6] * 100)
-    with pytest.raises(DataError, match="its BOS id is 2, but the challenge format starts every document with id 1"):
+    with pytest.raises(
+        DataError, match="its BOS id is 2, but the challenge format starts every document with id 1"
+    ):
         check_dataset(tmp_path, *shards(tmp_path), sp_file, 40)
 
 

@@ -38,9 +38,9 @@ def pgolf(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess
 
 
 def test_plugin_is_listed_with_its_origin(plugin_site: Path, tmp_path: Path) -> None:
-    proc = pgolf(["techniques", "smear_gate"], plugin_site, tmp_path)
+    proc = pgolf(["techniques", "ext_smear_gate"], plugin_site, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "entry point smear_gate = pgolf_smear_gate:SmearGate" in proc.stdout
+    assert "entry point ext_smear_gate = pgolf_smear_gate:SmearGate" in proc.stdout
     assert "window: 12" in proc.stdout and "lam  scalar  role=scalar kind=control" in proc.stdout
     proc = pgolf(["techniques", "uniform_mix"], plugin_site, tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -49,14 +49,14 @@ def test_plugin_is_listed_with_its_origin(plugin_site: Path, tmp_path: Path) -> 
 
 
 def test_a_stack_uses_the_plugin_by_name(plugin_site: Path, tmp_path: Path, cache_dir: Path) -> None:
-    stack = tiny_stack(cache_dir, techniques={"smear_gate": {"window": 8}, "xsa": {},
+    stack = tiny_stack(cache_dir, techniques={"ext_smear_gate": {"window": 8}, "xsa": {},
                                               "uniform_mix": {"epsilon": 0.5}})  # fmt: skip
     f = tmp_path / "plugin_stack.yaml"
     f.write_text(yaml.safe_dump(stack))
     proc = pgolf(["run", str(f), "--out", str(tmp_path / "out"), "--quiet"], plugin_site, tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert result["techniques"][:3] == ["smear_gate", "uniform_mix", "xsa"]  # YAML dump sorts keys
+    assert result["techniques"][:3] == ["ext_smear_gate", "uniform_mix", "xsa"]  # YAML dump sorts keys
     assert "pgolf_smear_gate/__init__.py" in result["code_files"]  # the plugin's source is counted code
     # the evaluation chain ran on the reloaded model: half of a uniform distribution over 1024
     # tokens caps every token's loss at −log(0.5 / 1024) = 7.62 nats
@@ -69,7 +69,7 @@ def test_a_stack_uses_the_plugin_by_name(plugin_site: Path, tmp_path: Path, cach
 
 def test_without_the_package_the_name_is_unknown(tmp_path: Path, cache_dir: Path) -> None:
     f = tmp_path / "plugin_stack.yaml"
-    f.write_text(yaml.safe_dump(tiny_stack(cache_dir, techniques={"smear_gate": {}})))
+    f.write_text(yaml.safe_dump(tiny_stack(cache_dir, techniques={"ext_smear_gate": {}})))
     proc = subprocess.run([sys.executable, "-m", "pgolf.registry.tools.cli", "check", str(f)], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 2 and "unknown technique 'smear_gate'" in proc.stderr
+    assert proc.returncode == 2 and "unknown technique 'ext_smear_gate'" in proc.stderr

@@ -213,8 +213,10 @@ def test_a_flipped_bit_in_the_artifact_is_refused(run_copy: Path, capsys: pytest
         (lambda s: s["techniques"].update(xsa={"layers": "all"}), "techniques.xsa.layers: added ('all')"),
         (lambda s: s["eval"].update(seq_len=32), "eval.seq_len: None → 32"),
         (lambda s: s["model"].update(model_dim=128), "model.model_dim: 64 → 128"),
-        (lambda s: (s["model"].update(vocab_size=512), s["data"].update(tokenizer="sp512")),
-         "model.vocab_size: 1024 → 512"),
+        (
+            lambda s: (s["model"].update(vocab_size=512), s["data"].update(tokenizer="sp512")),
+            "model.vocab_size: 1024 → 512",
+        ),
     ],
     ids=["technique added", "eval length", "model_dim", "vocab_size"],
 )

@@ -9,8 +9,10 @@ Interactions: without the BOS mask the last token of one document leaks into the
 document's BOS position in packed streams (PR #1797 was held back for it).
 
 This package lives outside pgolf and registers two techniques through the ``pgolf.techniques``
-entry point (see its pyproject.toml): ``smear_gate`` on the model's ``embed`` chain and
+entry point (see its pyproject.toml): ``ext_smear_gate`` on the model's ``embed`` chain and
 ``uniform_mix`` on the evaluation ``logprobs`` chain. pgolf's tests install it to prove that path.
+(pgolf has SmearGate built in as ``smear_gate``; this copy stays as the third-party example, under
+its own name.)
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class SmearGate(Technique):
     def embed(self) -> nn.Module:
         if self.params.window > self.spec.model_dim:
             raise PgolfError(
-                f"smear_gate.window={self.params.window} exceeds model_dim={self.spec.model_dim}"
+                f"ext_smear_gate.window={self.params.window} exceeds model_dim={self.spec.model_dim}"
             )
         return SmearGateModule(self.params.window)
 
