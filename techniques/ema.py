@@ -9,7 +9,9 @@ Source: parameter-golf ``R/2026-03-20_11L_XSA4_EMA_Int6_MLP3x_WD04`` (β = 0.997
 SWA), β = 0.9965 from ``R/2026-04-09``.
 Sites: the ``on_train_start``, ``on_step`` and ``finalize`` events.
 
-Interactions: an alternative to SWA for the final weights; its gain only shows at the end of
+Interactions: with ``swa`` in the same stack the exported weights are SWA's average of snapshots
+of these EMA weights ("SWA over EMA"; the EMA itself when SWA took none): the EMA is handed to SWA
+as ``state.shared["ema"]``. Without ``swa`` the EMA is exported. Its gain only shows at the end of
 training (``gain_at_end``), so a search must not stop such trials early on intermediate scores.
 Evidence (records, 8×H100): −0.0006 BPB (``R/2026-03-22``); with XSA-4 1.1318 → 1.1271.
 Not yet measured with pgolf.
@@ -24,7 +26,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from pgolf.registry import Params, Technique, hook, register
+from pgolf.registry import Params, Technique, TrainState, hook, register
+
+SHARED_KEY = "ema"
+"""``state.shared["ema"]``: the EMA weights (name -> fp32 tensor), for techniques that average them."""
 
 
 class EMAParams(Params):
@@ -52,16 +57,18 @@ class EMA(Technique):
         self.updates = 0
 
     @hook
-    def on_train_start(self, model: nn.Module) -> None:
+    def on_train_start(self, model: nn.Module, state: TrainState) -> None:
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
         self.updates = 0
+        state.shared[SHARED_KEY] = self.shadow
 
     @hook
-    def on_step(self, model: nn.Module) -> None:
+    def on_step(self, model: nn.Module, state: TrainState) -> None:
         named = dict(model.named_parameters())
         names = list(self.shadow)
         ema_update_([self.shadow[n] for n in names], [named[n] for n in names], self.params.decay)
         self.updates += 1
+        state.shared[SHARED_KEY] = self.shadow  # updated in place: what SWA snapshots
 
     @hook
     def finalize(self, model: nn.Module) -> None:

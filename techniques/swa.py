@@ -5,7 +5,13 @@ What: after every optimizer step whose LR multiplier was below ``start_lr_scale`
 step number is a multiple of ``interval`` (K), a snapshot of every parameter is added to an fp32
 running sum; at the end of training the weights become sum / n (n snapshots), before
 calibration, export and every score. With no snapshot taken (τ never reached) the trained weights
-are kept as they are. The compile warm-up's steps are undone and never snapshotted.
+are kept as they are. The compile warm-up's steps are undone and never snapshotted. "Tight SWA"
+is K = 50, τ = 0.2.
+
+With ``ema`` in the stack (the declared rule for the pair): each snapshot is of the EMA weights at
+that step (``state.shared["ema"]``) instead of the live weights, and the exported weights are the
+average of those snapshots ("SWA over EMA"); with no snapshot taken the EMA weights are exported
+(``ema`` loads them first; SWA runs after it).
 
 Why: late in the warmdown the iterates wander around a basin; their average sits nearer its
 centre, which is flatter and loses less to quantization.
@@ -18,9 +24,9 @@ Source: Izmailov et al. 2018 (arXiv:1803.05407); parameter-golf
 Sites: the ``on_train_start`` (reset), ``on_step`` (snapshot) and ``finalize`` (load the
 average) events.
 
-Interactions: conflicts with ``ema``: both replace the final weights, and no record combined them
-usefully (the 03-22…03-25 "tight SWA" code accumulated snapshots but exported the EMA weights, so
-SWA had no effect there). With ``swa`` the exported weights are the SWA average. τ is compared with
+Interactions: with ``ema``, SWA averages EMA snapshots as above (the 03-22…03-25 "tight SWA" code
+accumulated snapshots of the live weights but exported the EMA, so SWA had no effect there; for
+that behaviour use ``ema`` alone). τ is compared with
 the LR multiplier of the ``lr_schedule`` slot (linear warmdown by default, ``warmdown_fraction``,
 ``cosine_lr``): a schedule that never goes below τ takes no snapshot. SWA on a depth-recurrent
 model inverted the quantization gap in ``N/2026-03-21``. Its gain only shows at the end of
@@ -40,6 +46,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pgolf.registry import Params, Technique, TrainState, hook, register
+
+EMA_KEY = "ema"  # ema.SHARED_KEY (not imported: a stack with swa alone does not count ema's code)
 
 
 class SWAParams(Params):
@@ -71,7 +79,7 @@ class SWA(Technique):
 
     Params = SWAParams
     params: SWAParams
-    conflicts = ("ema",)
+    after = ("ema",)
     gain_at_end = True
 
     def __init__(self, params: SWAParams, spec: Any):
@@ -79,6 +87,7 @@ class SWA(Technique):
         self.total: dict[str, Tensor] = {}
         self.snapshots = 0
         self.steps: list[int] = []  # the steps snapshotted (for the run log and tests)
+        self.source = "weights"  # or "ema": what the snapshots were taken of
 
     @hook
     def on_train_start(self) -> None:
@@ -87,7 +96,9 @@ class SWA(Technique):
     @hook
     def on_step(self, model: nn.Module, state: TrainState) -> None:
         if should_snapshot(state, self.params.interval, self.params.start_lr_scale):
-            accumulate_(self.total, dict(model.named_parameters()))
+            ema = state.shared.get(EMA_KEY)
+            self.source = "ema" if ema is not None else "weights"
+            accumulate_(self.total, ema if ema is not None else dict(model.named_parameters()))
             self.snapshots += 1
             self.steps.append(state.step)
 
@@ -95,10 +106,11 @@ class SWA(Technique):
     def finalize(self, model: nn.Module) -> None:
         if self.snapshots == 0:
             self.log("no snapshot was taken (the LR multiplier never fell below start_lr_scale): "
-                     "the trained weights are exported")  # fmt: skip
+                     "the weights as they are (the EMA's, with ema) are exported")  # fmt: skip
             return
+        of = "the EMA weights" if self.source == "ema" else "the weights"
         self.log(
-            f"exporting the average of {self.snapshots} snapshot(s), steps {self.steps[0]}–{self.steps[-1]}"
+            f"exporting the average of {self.snapshots} snapshot(s) of {of}, steps {self.steps[0]}–{self.steps[-1]}"
         )
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -113,11 +125,13 @@ class SWA(Technique):
             "total": {k: v.clone() for k, v in self.total.items()},
             "snapshots": self.snapshots,
             "steps": list(self.steps),
+            "source": self.source,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.total = {k: v.clone() for k, v in state.get("total", {}).items()}
         self.snapshots = int(state.get("snapshots", 0))
         self.steps = [int(s) for s in state.get("steps", [])]
+        self.source = str(state.get("source", "weights"))
         if self.snapshots and not self.total:
             raise ValueError("swa state has snapshots but no sums")

@@ -66,7 +66,7 @@ def test_finalize_swaps_in_the_average_which_training_tracked(tmp_path: Path) ->
 
 def test_state_round_trips() -> None:
     e = EMA(EMAParams(decay=0.9), None)  # type: ignore[arg-type]
-    e.on_train_start(torch.nn.Linear(2, 2))
+    e.on_train_start(torch.nn.Linear(2, 2), TrainState())
     e.updates = 3
     f = EMA(EMAParams(decay=0.9), None)  # type: ignore[arg-type]
     f.load_state_dict(e.state_dict())

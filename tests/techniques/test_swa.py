@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from runs import technique, tiny_stack, tiny_trainer, token_shard
 
-from pgolf.registry import PgolfError, TrainState
+from pgolf.registry import TrainState
 from pgolf.techniques.swa import SWA, SWAParams, accumulate_, should_snapshot
 
 
@@ -77,6 +76,40 @@ def test_state_round_trips_and_restores_the_average() -> None:
     assert torch.allclose(t.average()["weight"], lin.weight.detach() - 0.5)
 
 
-def test_conflicts_with_ema() -> None:
-    with pytest.raises(PgolfError, match="conflicts with technique 'swa'"):
-        tiny_stack({"swa": {}, "ema": {}})
+def test_with_ema_the_average_of_ema_snapshots_is_exported(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The declared rule for the pair: SWA snapshots the EMA weights and its average is exported."""
+    from pgolf.techniques import ema as ema_module
+    from pgolf.techniques import swa as swa_module
+
+    assert swa_module.EMA_KEY == ema_module.SHARED_KEY
+    rs = tiny_stack({"swa": {"interval": 2, "start_lr_scale": 0.6}, "ema": {"decay": 0.5}},
+                    train={"iterations": 8, "warmdown_iters": 8})  # fmt: skip
+    assert [r.name for r in rs.techniques][:2] == ["ema", "swa"]  # SWA runs after EMA
+    b, trainer = tiny_trainer(rs, token_shard(tmp_path))
+    ema, swa = technique(b, "ema"), technique(b, "swa")
+    snaps: list[dict[str, torch.Tensor]] = []
+    original = trainer.advance
+
+    def advance(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = original(*args, **kwargs)
+        if trainer.state.step in (6, 8):
+            snaps.append({n: t.clone() for n, t in ema.shadow.items()})
+        return out
+
+    trainer.advance = advance  # type: ignore[method-assign]
+    trainer.run()
+    assert swa.steps == [6, 8] and swa.source == "ema"
+    trainer.finalize()
+    for name, p in b.model.named_parameters():
+        assert torch.allclose(p.detach(), (snaps[0][name] + snaps[1][name]) / 2, atol=1e-7), name
+    assert any(not torch.equal(p.detach(), ema.shadow[n]) for n, p in b.model.named_parameters())
+
+
+def test_with_ema_and_no_snapshot_the_ema_is_exported(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rs = tiny_stack({"swa": {"interval": 1, "start_lr_scale": 0.01}, "ema": {"decay": 0.5}},
+                    train={"iterations": 3})  # fmt: skip
+    b, trainer = tiny_trainer(rs, token_shard(tmp_path))
+    trainer.run()
+    trainer.finalize()
+    ema = technique(b, "ema")
+    assert all(torch.equal(p.detach(), ema.shadow[n]) for n, p in b.model.named_parameters())

@@ -52,3 +52,20 @@ def test_trainer_uses_it_for_every_step(tmp_path) -> None:  # type: ignore[no-un
     seen: list[Progress] = []
     trainer.run(on_progress=seen.append)
     assert [p.lr_mult for p in seen] == pytest.approx([1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3])
+
+
+def test_iters_form_is_the_baseline_warmdown_with_a_floor() -> None:
+    from pgolf.registry.run.optim import lr_multiplier
+
+    mult = WarmdownFraction(WarmdownFractionParams(iters=300, min_lr=0.2), None).lr_schedule()  # type: ignore[arg-type]
+    for step in (0, 699, 700, 850, 940, 1000):
+        base = lr_multiplier(step, 0.0, iterations=1000, warmdown_iters=300, max_wallclock_seconds=0)
+        assert mult(TrainState(step=step, iterations=1000)) == pytest.approx(max(base, 0.2))
+    assert mult(TrainState(step=850, iterations=1000)) == pytest.approx(0.5)
+    # by wall clock: 10 s per step so far, 300 steps = 3000 s of warmdown before the 5000 s cap
+    capped = TrainState(step=300, elapsed=3000.0, iterations=10**6, max_seconds=5000.0)
+    assert mult(capped) == pytest.approx(2000 / 3000)
+    capped.elapsed = 4900.0
+    assert mult(capped) == 0.2
+    with pytest.raises(ValueError, match="fraction or iters, not both"):
+        WarmdownFractionParams(fraction=0.5, iters=100)
