@@ -274,10 +274,15 @@ class TokenStream:
 class DistributedTokenLoader:
     """The baseline's loader: every rank reads the same stream and keeps its own span.
 
+    A batch is one contiguous span whatever the sequence length (``seq_len_agnostic``): a batch
+    at another length is a reshape of the same tokens.
+
     Each :meth:`next_batch` takes ``world_size * (local_tokens + 1)`` contiguous tokens; rank ``r``
     keeps span ``r`` of length ``local_tokens + 1`` and returns inputs ``span[:-1]`` and targets
     ``span[1:]``, each shaped ``(local_tokens // seq_len, seq_len)``.
     """
+
+    seq_len_agnostic = True
 
     def __init__(self, paths: Sequence[Path], rank: int, world_size: int, vocab_size: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
@@ -314,26 +319,32 @@ _Prefetched = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 
 
 class PrefetchingLoader:
-    """Prepares the next batches of a :class:`DistributedTokenLoader` on a background thread.
+    """Prepares the next batches of a training loader on a background thread.
 
     Reading the memory-mapped shards, widening to int64 and (on CUDA) pinning happen while the
     GPU works on the current batch, so ``x.to(device, non_blocking=True)`` is a true async copy.
     The batches and their order are exactly those of the wrapped loader (its reference path).
+
+    A loader whose batches are one contiguous span (``seq_len_agnostic``, the baseline's) is read
+    at one length and any ``seq_len`` dividing it is a view. Any other loader (the ``train_loader``
+    slot's fillers that pick windows or pack documents per sequence) is read at the length asked
+    for; when that changes, the batches read ahead are dropped and the loader is put back, with its
+    ``load_state_dict``, where the first of them began, so the batch order is still the loader's own.
     """
 
-    def __init__(self, loader: DistributedTokenLoader, local_tokens: int, seq_len: int, *,
-                 depth: int = 4, pin: bool = False):  # fmt: skip
+    def __init__(self, loader: Any, local_tokens: int, seq_len: int, *, depth: int = 4, pin: bool = False):
         self.loader, self.local_tokens, self.seq_len, self.depth, self.pin = (
             loader, local_tokens, seq_len, depth, pin)  # fmt: skip
+        self.agnostic = bool(getattr(loader, "seq_len_agnostic", False))
         self._queue: queue.Queue[_Prefetched | BaseException] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._consumed: dict[str, Any] | None = None  # the stream position after the last batch served
 
-    def _work(self, q: queue.Queue[_Prefetched | BaseException]) -> None:
+    def _work(self, q: queue.Queue[_Prefetched | BaseException], seq_len: int) -> None:
         while not self._stop.is_set():
             try:
-                x, y = self.loader.next_batch(self.local_tokens, self.seq_len)
+                x, y = self.loader.next_batch(self.local_tokens, seq_len)
                 after = self.loader.state_dict()
                 item: _Prefetched | BaseException = (
                     (x.pin_memory(), y.pin_memory(), after) if self.pin else (x, y, after))  # fmt: skip
@@ -348,27 +359,39 @@ class PrefetchingLoader:
             if isinstance(item, BaseException):
                 return
 
-    def _start(self) -> None:
+    def _start(self, seq_len: int) -> None:
         self._stop.clear()
+        self.seq_len = seq_len
+        if self._consumed is None and not self.agnostic:  # where a rewind returns to
+            self._consumed = self.loader.state_dict()
         self._queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(target=self._work, args=(self._queue,), daemon=True,
+        self._thread = threading.Thread(target=self._work, args=(self._queue, seq_len), daemon=True,
                                         name="pgolf-prefetch")  # fmt: skip
         self._thread.start()
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch; any ``seq_len`` dividing ``local_tokens`` is a view of the same span."""
+        """The next batch; any ``seq_len`` dividing ``local_tokens`` (a view of the same span for a
+        contiguous loader, batches read at that length otherwise)."""
         if local_tokens != self.local_tokens or local_tokens % seq_len:
             raise ValueError(
                 f"this prefetcher serves batches of {self.local_tokens} tokens (any seq_len dividing it)"
             )
+        if self._queue is not None and not self.agnostic and seq_len != self.seq_len:
+            self._rewind()
         if self._queue is None:
-            self._start()
+            self._start(self.seq_len if self.agnostic else seq_len)
         assert self._queue is not None
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         x, y, self._consumed = item
         return x.view(-1, seq_len), y.view(-1, seq_len)
+
+    def _rewind(self) -> None:
+        """Stop reading ahead and put the loader back where the last batch served left it."""
+        self.close()
+        if self._consumed is not None:
+            self.loader.load_state_dict(self._consumed)
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch served (not the read-ahead one), to restore with
