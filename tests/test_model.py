@@ -219,3 +219,27 @@ def test_bf16_autocast_agrees_with_fp32() -> None:
     assert low.dtype == torch.float32  # the head computes logits in fp32
     assert (low - ref).abs().max() < 0.05
     assert float(low.mean()) == pytest.approx(float(ref.mean()), rel=0.01)
+
+
+def test_non_integer_mlp_multipliers_up_to_4x_are_sized_by_the_size_gate() -> None:
+    """MLP hidden = int(mult·d) for non-integer multipliers (2.625·512 = 1344 as the records), and
+    the artifact estimate `pgolf check` and `pgolf run` refuse over-limit stacks with grows with it."""
+    from pgolf.registry.run.pipeline import estimate_artifact_bytes
+
+    assert stack_from_dict({"model": {"mlp_mult": 2.625}}).spec.mlp_hidden == 1344
+    shape = {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 64}
+    sizes = {}
+    for mult in (2.0, 2.625, 3.5, 4.0):
+        rs = stack_from_dict({"model": {**shape, "mlp_mult": mult}})
+        hidden = rs.spec.mlp_hidden
+        assert hidden == int(mult * 64)
+        with torch.device("meta"):
+            model = build_model(rs.spec, [])
+        assert model.blocks[0].mlp.fc.weight.shape == (hidden, 64)
+        sizes[mult] = estimate_artifact_bytes(rs).model_bytes
+    assert sizes[2.0] < sizes[2.625] < sizes[3.5] < sizes[4.0]
+    limit = (sizes[3.5] + sizes[4.0]) // 2
+    code = estimate_artifact_bytes(stack_from_dict({"model": shape}), model_bytes=0).code_bytes
+    for mult, fits in ((3.5, True), (4.0, False)):
+        rs = stack_from_dict({"model": {**shape, "mlp_mult": mult}, "export": {"artifact_limit": limit + code}})
+        assert estimate_artifact_bytes(rs).fits == fits

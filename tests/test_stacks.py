@@ -52,3 +52,28 @@ def test_the_combined_stack_runs_end_to_end_at_a_tiny_size(cache_dir: Path, tmp_
     assert r.phase_seconds["calibration"] > 0
     log = (tmp_path / "run.log").read_text()
     assert "gptq: Hessians of" in log and "switch(es) depth_recurrence on" in log
+
+
+def test_the_record_stack_runs_end_to_end_at_a_tiny_size(cache_dir: Path, tmp_path: Path) -> None:
+    """stacks/record_pr2135.yaml (the current record's training side) shrunk to 6 layers × 64 on the
+    embedded corpus: lanes, loops, document masking and packing, progressive context, Parallel
+    Muon, EMA and GPTQ work together; every length switch and the loop happen."""
+    from pgolf.registry.api.config import load_stack
+
+    tiny = [
+        "model.num_layers=6", "model.model_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
+        "data.tokenizer=sp1024", f"data.cache_dir={cache_dir}", "train.train_seq_len=64",
+        "train.train_batch_tokens=1024", "train.micro_batch_tokens=512", "train.iterations=10",
+        "train.max_wallclock_seconds=0", "train.warmup_steps=1", "train.val_loss_every=0", "train.threads=1",
+        "eval.seq_len=64", "eval.batch_tokens=4096",
+        "techniques.depth_recurrence.loop_start=1", "techniques.depth_recurrence.loop_end=2",
+        "techniques.parallel_residuals.start_layer=4", "techniques.progressive_context.lengths=[16, 32, 64]",
+        "techniques.progressive_context.rewarm_steps=2", "techniques.gptq.calibration_batches=2",
+        "techniques.brotli.quality=1",
+    ]  # fmt: skip
+    rs = load_stack(Path(__file__).resolve().parent.parent / "stacks" / "record_pr2135.yaml", tiny)
+    assert rs.stack.model.vocab_size == 1024
+    r = run(rs, tmp_path, estimate=False)
+    assert math.isfinite(r.val_bpb) and r.val_tokens > 0 and r.switches == ["depth_recurrence"]
+    log = (tmp_path / "run.log").read_text()
+    assert "training length 16 → 32" in log and "training length 32 → 64" in log and "gptq: Hessians of" in log
