@@ -241,5 +241,7 @@ def test_non_integer_mlp_multipliers_up_to_4x_are_sized_by_the_size_gate() -> No
     limit = (sizes[3.5] + sizes[4.0]) // 2
     code = estimate_artifact_bytes(stack_from_dict({"model": shape}), model_bytes=0).code_bytes
     for mult, fits in ((3.5, True), (4.0, False)):
-        rs = stack_from_dict({"model": {**shape, "mlp_mult": mult}, "export": {"artifact_limit": limit + code}})
+        rs = stack_from_dict(
+            {"model": {**shape, "mlp_mult": mult}, "export": {"artifact_limit": limit + code}}
+        )
         assert estimate_artifact_bytes(rs).fits == fits

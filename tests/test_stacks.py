@@ -76,4 +76,6 @@ def test_the_record_stack_runs_end_to_end_at_a_tiny_size(cache_dir: Path, tmp_pa
     r = run(rs, tmp_path, estimate=False)
     assert math.isfinite(r.val_bpb) and r.val_tokens > 0 and r.switches == ["depth_recurrence"]
     log = (tmp_path / "run.log").read_text()
-    assert "training length 16 → 32" in log and "training length 32 → 64" in log and "gptq: Hessians of" in log
+    assert (
+        "training length 16 → 32" in log and "training length 32 → 64" in log and "gptq: Hessians of" in log
+    )
