@@ -71,8 +71,9 @@ def checked(members: tuple[str, ...]) -> ResolvedStack | None:
 
 
 def accepted_pairs(members: list[str]) -> set[frozenset[str]]:
-    """Every pair `pgolf check` accepts; a build only where the pair shares a per-instance slot."""
-    hooks = {m: set() if m == UNTIED else set(REGISTRY.get(m).hooks) for m in members}
+    """Every pair `pgolf check` accepts; a build only where the pair shares a per-instance slot
+    (counting the hooks of the techniques each one requires, which come into the stack with it)."""
+    hooks = {m: {h for t in techniques_of((m,)) for h in REGISTRY.get(t).hooks} for m in members}
     out = set()
     for a, b in itertools.combinations(members, 2):
         _, problems = resolve_techniques(techniques_of((a, b)))
@@ -157,3 +158,12 @@ def test_the_cover_is_exact_on_a_small_graph() -> None:
     pairs = {frozenset(p) for p in (("a", "b"), ("a", "c"), ("b", "c"), ("c", "d"))}
     groups = clique_cover(members, pairs)
     assert groups == [("a", "b", "c"), ("c", "d")]
+
+
+def test_a_pair_whose_requirement_clashes_is_not_accepted() -> None:
+    """self_generated_calibration brings gptq into the stack, whose quantizer claims the same tensors
+    as rtn's: the pair shares no hook itself, but `pgolf check` refuses it, and so must the test."""
+    assert accepted_pairs(["rtn", "self_generated_calibration"]) == set()
+    assert accepted_pairs(["gptq", "self_generated_calibration"]) == {
+        frozenset(("gptq", "self_generated_calibration"))
+    }
