@@ -230,7 +230,13 @@ def test_resolved_yaml_reloads_to_the_same_stack(tmp_path: Path) -> None:
     again = load_stack(out)
     assert again.hash() == rs.hash()
     assert again.technique_names() == rs.technique_names()
-    assert yaml.safe_load(out.read_text())["techniques"]["xsa"] == {"layers": "last(4)"}
+    xsa = {
+        "layers": "last(4)",
+        "gated": False,
+        "gate_init": 0.0,
+        "repeats": True,
+    }  # every param, defaults included
+    assert yaml.safe_load(out.read_text())["techniques"]["xsa"] == xsa
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "stacks").glob("*.yaml")))
