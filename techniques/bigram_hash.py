@@ -21,7 +21,10 @@ vocabulary grows (dropped at SP4096) and on depth-recurrent stacks; competes for
 with width and MLP size. A trained input feature, not an evaluation-time cache: legal.
 
 Evidence (records, 8×H100): buckets 4096→8192 −0.0012 BPB, 8192→10240 −0.0008
-(``R/2026-03-20_10L_Int5MLP…``); 2048→3072 −0.0009 (``R/2026-03-23…``). Not yet measured with pgolf.
+(``R/2026-03-20_10L_Int5MLP…``); 2048→3072 −0.0009 (``R/2026-03-23…``). Measured with pgolf on CPU
+(the baseline shrunk to 4 layers × 64, 120 steps of 2,048 tokens on the embedded corpus, seeds 1337
+/ 1338; ``python bench/technique_effects.py --only bigram_hash``): Δval_bpb −0.0685 (−0.0673,
+−0.0697) (1,024 buckets, dim 32).
 
 Roles (kinds): T ``embedding`` (embed; Adam at the embedding lr), P ``matrix`` (other; Muon),
 s ``scalar`` (control).

@@ -28,8 +28,11 @@ and BigramHash were harmful or redundant on looped stacks; per-layer techniques 
 physical layer on every pass (ln_scale reuses the physical factor; XSA on every pass was
 slightly worse); gated_skips is sized by the looped order's skip count.
 
-Evidence (records, 8×H100): layers 4–5 ≈ −0.003 BPB (``R/2026-04-03``); delayed start
-1.1163 → 1.1153; step time ≈ 96 → 141 ms at activation (04-27). Not yet measured with pgolf.
+Evidence (records, 8×H100): layers 4–5 ≈ −0.003 BPB (``R/2026-04-03``); delayed start 1.1163 →
+1.1153; step time ≈ 96 → 141 ms at activation (04-27). Measured with pgolf on CPU (the baseline
+shrunk to 4 layers × 64, 120 steps of 2,048 tokens on the embedded corpus, seeds 1337 / 1338;
+``python bench/technique_effects.py --only depth_recurrence``): layers 1–2 looped once from 35 %:
+Δval_bpb +0.0046 (+0.0071, +0.0022) (the extra passes start late in a short run).
 """
 
 from __future__ import annotations

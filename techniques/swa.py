@@ -32,8 +32,12 @@ the LR multiplier of the ``lr_schedule`` slot (linear warmdown by default, ``war
 model inverted the quantization gap in ``N/2026-03-21``. Its gain only shows at the end of
 training (``gain_at_end``).
 
-Evidence (records, 8×H100): τ 0.4 vs 0.5: −0.0006 BPB (``R/2026-03-20_10L…``); replaced by EMA
-from ``R/2026-03-20_11L_XSA4_EMA…`` on. Not yet measured with pgolf.
+Evidence (records, 8×H100): τ 0.4 vs 0.5: −0.0006 BPB (``R/2026-03-20_10L…``); replaced by EMA from
+``R/2026-03-20_11L_XSA4_EMA…`` on. Measured with pgolf on CPU (the baseline shrunk to 4 layers × 64,
+120 steps of 2,048 tokens on the embedded corpus, seeds 1337 / 1338; ``python
+bench/technique_effects.py --only swa 'ema + swa'``): K = 5: Δval_bpb +0.0106 (+0.0100, +0.0112)
+(about 3 snapshots in the last 16 steps, which the tiny model still descends through: their average
+lags behind); with ``ema`` (decay 0.95) +0.0023 (+0.0032, +0.0014).
 """
 
 from __future__ import annotations

@@ -24,7 +24,10 @@ on a looped stack every pass of a selected layer adds it. Costs bytes that scale
 vocabulary (the reason it was dropped at SP8192). Roles: E_v ``embedding`` (the embedding lr and
 quantizer), P_v ``matrix`` (Muon), s and λ ``scalar``.
 
-Evidence (records, 8×H100): no isolated number in the records. Not yet measured with pgolf.
+Evidence (records, 8×H100): no isolated number in the records. Measured with pgolf on CPU (the
+baseline shrunk to 4 layers × 64, 120 steps of 2,048 tokens on the embedded corpus, seeds 1337 /
+1338; ``python bench/technique_effects.py --only value_embeddings``): Δval_bpb −0.0313 (−0.0320,
+−0.0305) (dim 32).
 """
 
 from __future__ import annotations
