@@ -651,13 +651,7 @@ class Trained:
     final: EvalResult
     pre: EvalResult | None
     model_bytes: int
-    params: int
     phases: dict[str, float]
-
-    @property
-    def training_side(self) -> float:
-        """Train + finalize + calibration + export seconds: what the wall-clock cap covers."""
-        return sum(self.phases[k] for k in ("train", "finalize", "calibration", "export"))
 
 
 def train_and_score(
@@ -755,7 +749,7 @@ def train_and_score(
         f"val_bpb {final.val_bpb:.6f} over {final.tokens:,} tokens / {final.bytes:,} bytes "
         f"in {final.seconds:.1f}s"
     )
-    return Trained(b, tres, final, pre, model_bytes, count_params(model), phases)
+    return Trained(b, tres, final, pre, model_bytes, phases)
 
 
 def _run(
@@ -891,7 +885,9 @@ def _run(
     with Ticker(console if main else None, "legality probes (future, normalisation, data, provenance)"):
         legal = check_legality(rs, artifact, runtime, val_tokens, final, watch, source.provenance,
                                scoring["fresh"], scoring["recorder"])  # fmt: skip
-    training_side = t.training_side
+    training_side = sum(
+        phases[k] for k in ("train", "finalize", "calibration", "export")
+    )  # what the cap covers
     cap = stack.train.max_wallclock_seconds
     over = cap > 0 and training_side > cap
     if over:
@@ -912,7 +908,7 @@ def _run(
         artifact_bytes=total,
         artifact_limit=stack.export.artifact_limit,
         fits=total <= stack.export.artifact_limit,
-        params=t.params,
+        params=count_params(t.built.model),
         steps=tres.steps,
         train_tokens=tres.train_tokens,
         train_seconds=tres.train_seconds,

@@ -59,6 +59,7 @@ _MINIFY = {
     "hoist_literals": False,  # measured: hoisting makes the LZMA of the script larger
     "remove_asserts": False,
     "remove_debug": False,
+    "prefer_single_line": True,  # measured: a few bytes smaller after LZMA
 }
 _MEMORY: dict[str, CodePart] = {}
 
