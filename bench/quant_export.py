@@ -82,7 +82,7 @@ def pick(table: dict[str, Any], names: str | None, what: str) -> dict[str, Any]:
     return {n: table[n] for n in chosen}
 
 
-def bench(args: argparse.Namespace) -> dict[str, Any]:
+def bench(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     from pgolf.registry.api.config import load_stack
     from pgolf.registry.api.context import CalibrationData
     from pgolf.registry.api.sites import Dispatcher
@@ -96,6 +96,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     codecs = pick(CODECS, args.codecs, "codecs")
     rows: list[dict[str, Any]] = []
     stack = Path(args.stack)
+    result = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "stack": str(stack),
+        "weights": "surrogate (pgolf.registry.run.pipeline.surrogate_weights_), not trained",
+        "calibration": {"batches": args.calibration_batches, "batch": args.calibration_batch, "tokens": "random ids"},
+        "quantizers": quantizers, "serializers": serializers, "codecs": codecs,
+        "rows": rows,
+    }  # fmt: skip
     for qname, qtech in quantizers.items():
         sets = [f"techniques.{k}={json.dumps(v)}" for k, v in qtech.items()]
         if "gptq" in qtech:
@@ -144,20 +155,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                        "model_bytes": len(blob), "calibrate_s": calibrate_s, "quantize_s": quantize_s,
                        "serialize_s": serialize_s, "compress_s": compress_s, "decompress_s": decompress_s}  # fmt: skip
                 rows.append(row)
+                save(result)  # after every row: an interrupted run keeps what it measured
                 print(f"  {sname:20s} {cname:13s} {len(raw):>12,} → {len(blob):>12,} bytes  "
                       f"compress {compress_s:6.1f}s  decompress {decompress_s:5.2f}s", flush=True)  # fmt: skip
         del b
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "stack": str(stack),
-        "weights": "surrogate (pgolf.registry.run.pipeline.surrogate_weights_), not trained",
-        "calibration": {"batches": args.calibration_batches, "batch": args.calibration_batch, "tokens": "random ids"},
-        "quantizers": quantizers, "serializers": serializers, "codecs": codecs,
-        "rows": rows,
-    }  # fmt: skip
+    return result
 
 
 def main() -> None:
@@ -173,13 +175,18 @@ def main() -> None:
         "--out", default=None, help="JSON file (default bench/quant_export_results/DATE-DEVICE.json)"
     )
     args = ap.parse_args()
-    result = bench(args)
+    today = dt.datetime.now(dt.UTC).date().isoformat()
     out = Path(args.out) if args.out else (
-        REPO / "bench" / "quant_export_results"
-        / f"{result['date'][:10]}-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
+        REPO / "bench" / "quant_export_results" / f"{today}-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+
+    def save(result: dict[str, Any]) -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+
+    bench(args, save)
     print(f"wrote {out}")
 
 
