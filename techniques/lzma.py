@@ -16,8 +16,11 @@ Interactions: fills the exclusive ``codec`` slot (instead of the default ``zlib`
 preset 9 (about 60 s for 16 MB on one core), like brotli-11 and zstd-22; see
 ``bench/quant_export.py`` for the three on the same packed bytes.
 
-Evidence: see ``bench/quant_export_results/*.json`` (bytes and seconds of each codec on the
-baseline-size model); not yet measured with pgolf on a trained record-size model.
+Evidence: pgolf, baseline-size model with surrogate weights (``bench/quant_export.py``, CPU,
+``bench/quant_export_results/2026-12-01-cpu.json``): int6 GPTQ codes 8,061,628 bytes (zlib-9
+8,615,618, brotli-11 7,582,204), int8 codes 15,952,560 (larger than zlib-9's 15,900,536); with
+6-bit packing (``bitpack``) it is the best after brotli (9,065,908). Not yet measured with pgolf
+on a trained record-size model.
 """
 
 from __future__ import annotations

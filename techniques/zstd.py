@@ -10,8 +10,12 @@ Source: parameter-golf ``R/2026-03-19_MLP3x…`` ("~1.5 MB smaller than zlib for
 ``R/2026-03-20_Int6…`` ("~5 % better than zlib-9 on int6"); the ``zstandard`` package.
 Interactions: fills the ``codec`` slot (instead of the default ``zlib``); a byte-shuffle
 transform before it helps on int8 codes stored with fp16 scales.
-Evidence: see ``pgolf check STACK --set techniques.zstd.level=22`` for a stack's bytes; not yet
-measured with pgolf on a trained record-size model.
+Evidence: pgolf, baseline-size model with surrogate weights (``bench/quant_export.py``, CPU,
+``bench/quant_export_results/2026-12-01-cpu.json``): zstd-22 gives int6 GPTQ codes 8,152,567 bytes
+(zlib-9 8,615,618, −5.4 %; brotli-11 7,582,204) and int8 codes 15,872,858 (zlib-9 15,900,536);
+long mode gave the same bytes on the int8 codes (an earlier run of the script; level 22's window
+already spans 17 MB). See ``pgolf check STACK --set techniques.zstd.level=22`` for a stack's
+bytes; not yet measured with pgolf on a trained record-size model.
 """
 
 from __future__ import annotations
