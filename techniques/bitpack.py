@@ -36,10 +36,11 @@ anything else is stored as is). ``byte_shuffle`` (a byte transform) and ``floats
 similar things at different granularity. The artifact's bytes are what the codec makes of these.
 
 Evidence: pgolf, baseline-size model with surrogate weights (``bench/quant_export.py``, CPU,
-``bench/quant_export_results/2026-12-01-cpu.json``): packing int6 GPTQ codes into 6 bits makes the
-serialized state 36 % smaller (17,226,777 → 11,014,371 bytes) but the compressed artifact larger
-with every codec: brotli-11 8,868,113 vs 7,582,204 bytes from ``torch.save``'s int8 containers,
-zstd-22 9,833,486 vs 8,152,567, zlib-9 10,003,768 vs 8,615,618; on int8 codes it is neutral
+``bench/quant_export_results/2026-12-01-cpu.json``), against ``torch.save``'s int8 containers on
+the same codes: int5 GPTQ codes come out smaller with every codec (brotli-11 5,444,500 vs
+5,527,550 bytes, −1.5 %; lzma-9 5,543,024 vs 5,892,612; zlib-9 6,018,969 vs 6,377,695); int6 GPTQ
+codes larger with every codec although the serialized state is 36 % smaller (brotli-11 8,868,113
+vs 7,582,204, zstd-22 9,833,486 vs 8,152,567, zlib-9 10,003,768 vs 8,615,618); int8 codes neutral
 (brotli-11 15,784,584 vs 15,790,755). Measure before using it. Not yet measured with pgolf on a
 trained record-size model.
 """
