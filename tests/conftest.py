@@ -141,3 +141,18 @@ def chdir_tmp(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         os.chdir(old)
+
+
+@pytest.fixture
+def code_counted_from_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs in this test count their code from the files they execute (``code_bytes``' own
+    fallback for a stack whose script cannot be generated) instead of generating the submission
+    script of each technique set (15-20 s of CPU the first time for each set). Only for tests that
+    assert nothing about code bytes; tests/test_submission.py and tests/test_code.py test the script."""
+    from pgolf.registry.tools import script
+    from pgolf.registry.tools.bundle import BundleError
+
+    def not_generated(*args: Any, **kwargs: Any) -> Any:
+        raise BundleError("the submission script is not generated in this test")
+
+    monkeypatch.setattr(script, "build_script", not_generated)

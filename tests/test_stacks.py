@@ -18,6 +18,7 @@ from pgolf.registry.run.pipeline import run
 TECHNIQUES = [n for n in REGISTRY.names() if n not in DEFAULT_FILLERS.values()]
 
 
+@pytest.mark.usefixtures("code_counted_from_files")  # one script per technique: minutes of CPU
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_each_technique_runs_end_to_end(name: str, cache_dir: Path, tmp_path: Path) -> None:
     cls = REGISTRY.get(name)

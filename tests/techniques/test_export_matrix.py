@@ -147,6 +147,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, t
     return shard, {k: v.clone() for k, v in b.model.state_dict().items()}
 
 
+@pytest.mark.usefixtures("code_counted_from_files")  # compares model bytes only
 @pytest.mark.parametrize(
     ("quantizer", "codec"), list(itertools.product(ESTIMATE_QUANTIZERS, ESTIMATE_CODECS))
 )
