@@ -17,7 +17,9 @@ from optuna.trial import TrialState  # noqa: E402
 from pgolf.search.spec import search_from_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMIT = 400_000 + counted_code_bytes()  # the width-64 model (~222 KB) fits, width 128 (~546 KB) does not; 360 KB results fit
+LIMIT = (
+    400_000 + counted_code_bytes()
+)  # the width-64 model (~222 KB) fits, width 128 (~546 KB) does not; 360 KB results fit
 
 
 @pytest.fixture()
