@@ -126,6 +126,17 @@ CASES: dict[str, dict[str, Case]] = {
         "malformed stack": (lambda e: ["audit", e.run_dir(lambda d: (d / "stack.yaml").write_text(MALFORMED_YAML))],
                             "malformed YAML"),
     },
+    "export": {
+        "missing": (lambda e: ["export", e.missing("nope"), "--out", str(e.tmp / "sub")], "is not a folder"),
+        "malformed": (lambda e: ["export", e.run_dir(lambda d: (d / "result.json").write_text("{oops")),
+                                 "--out", str(e.tmp / "sub")], "is not a valid result"),
+        "malformed stack": (lambda e: ["export", e.run_dir(lambda d: (d / "stack.yaml").write_text(MALFORMED_YAML)),
+                                       "--out", str(e.tmp / "sub")], "malformed YAML"),
+        "no out": (lambda e: ["export", e.run_dir()], "--out DIR is required"),
+        "not a submission": (lambda e: ["export", "--check", e.run_dir()], "is not a submission written by"),
+        "unwritable": (lambda e: ["export", e.run_dir(), "--out", str(e.ro / "sub")],
+                       "cannot write the submission"),
+    },
     "techniques": {
         "missing": (lambda e: ["techniques", "no_such_technique"], "unknown technique"),
     },
@@ -192,7 +203,7 @@ def test_bad_input_is_one_message_and_exit_2(
     verb: str, case: str, tmp_path: Path, cache_dir: Path, request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    run_dir = request.getfixturevalue("finished_run") if verb in ("eval", "audit") else None
+    run_dir = request.getfixturevalue("finished_run") if verb in ("eval", "audit", "export") else None
     env = Env(tmp_path, cache_dir, run_dir)
     make, expected = CASES[verb][case]
     argv = make(env)
