@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -194,11 +195,36 @@ def _identifiers(source: str) -> set[str]:
     return out
 
 
+_EVERY_OPERATOR = (
+    "del a\na = (b + c - d * e @ f / g % h ** i << j >> k | l ^ m & n // o, ~p, not q, +r, -s, t == u != v < w"
+    " <= x > y >= z is A is not B in C not in D, E and F or G)\n"
+)
+
+
+@functools.cache
+def _ast_singletons() -> tuple[ast.AST, ...]:
+    """The contexts and operators ``ast.parse`` shares between every tree it returns (one
+    ``Load()``, one ``Add()``, ... per process)."""
+    kinds = (ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
+    found = {id(n): n for n in ast.walk(ast.parse(_EVERY_OPERATOR)) if isinstance(n, kinds)}
+    return tuple(found.values())
+
+
 def minify(source: str, keep: Iterable[str] = ()) -> str:
-    """``source`` minified with python-minifier; module-level names are renamed except ``keep``."""
+    """``source`` minified with python-minifier; module-level names are renamed except ``keep``.
+
+    python-minifier annotates every node of the tree it parses with its parent and namespace,
+    the process-wide ``Load()``/``Add()``/... singletons of :func:`ast.parse` included, so every
+    later tree would reach the minified one through them (a deep copy of one statement of the
+    next bundle copied the whole previous script: 5 s per stack became 80-130 s): the singletons
+    are cleared again afterwards."""
     import python_minifier
 
-    return str(python_minifier.minify(source, preserve_globals=sorted(keep), **_MINIFY))  # type: ignore[arg-type]
+    try:
+        return str(python_minifier.minify(source, preserve_globals=sorted(keep), **_MINIFY))  # type: ignore[arg-type]
+    finally:
+        for node in _ast_singletons():
+            node.__dict__.clear()
 
 
 def _code_part(rs: ResolvedStack, refs: Sequence[Ref]) -> tuple[CodePart, str]:
