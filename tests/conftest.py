@@ -77,6 +77,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _registry_of_the_module() -> Iterator[None]:
+    """Each test module starts from the techniques pgolf ships (and installed plugins): the toy and
+    deliberately broken plugins a module registers are gone after it, so a test generated from the
+    registry (the pairwise test, the contract, the bench's list) never depends on test order."""
+    from pgolf.registry import REGISTRY
+
+    REGISTRY.ensure_loaded()
+    saved = (dict(REGISTRY._entries), dict(REGISTRY._broken), dict(REGISTRY._files))
+    yield
+    for live, kept in zip((REGISTRY._entries, REGISTRY._broken, REGISTRY._files), saved, strict=True):
+        live.clear()
+        live.update(kept)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder for the default corpus shared by the whole test session."""
