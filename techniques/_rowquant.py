@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 from torch import Tensor, nn
 
-from pgolf.registry import Ctx, Kind, ParamInfo, Params, Role, Technique, hook
+from pgolf.registry import Ctx, Kind, ParamInfo, Params, Role, Technique, TensorScope, hook
 from pgolf.registry.api.errors import RunFailed
 
 FP16_MIN = 2.0**-24  # smallest positive fp16 (subnormal): scales never round to 0
@@ -90,6 +90,26 @@ class RowGridParams(Params):
         "row", description="GPTQ-lite picks a percentile per row, or one per tensor (the 03-22 code)"
     )
     scale_floor: bool = Field(False, description="floor every scale at 1/q_max (the baseline's rule)")
+
+    @model_validator(mode="after")
+    def _per_kind_entries_are_in_scope(self) -> RowGridParams:
+        """A per-kind entry for a kind the quantizer's ``scope`` never claims would do nothing
+        (``bits: {default: 6, embed: 8}`` under ``scope: matrices`` left the embedding to the
+        default quantizer): refused, naming the entry and the scope."""
+        scope = getattr(self, "scope", None)
+        if not isinstance(scope, TensorScope):
+            return self
+        for field in ("bits", "sdclip_k"):
+            value = getattr(self, field)
+            if not isinstance(value, Mapping):
+                continue
+            for key in value:
+                if key != "default" and not scope.may_claim_kind(Kind(key)):
+                    raise ValueError(
+                        f"{field}.{key}: the scope {scope} never claims {key} tensors, so this entry would "
+                        f"do nothing; add {key} to the scope (e.g. scope: [matrices, {key}]) or remove the entry"
+                    )
+        return self
 
 
 @dataclass(frozen=True)

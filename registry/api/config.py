@@ -245,6 +245,12 @@ class ExportConfig(_Section):
     passthrough_dtype: Literal["fp16", "bf16", "fp32"] = Field(
         "fp16", description="float format of small passthrough tensors (fp32 where values do not fit)"
     )
+    size_estimate: Literal["gaussian", "heavy_tails"] = Field(
+        "gaussian",
+        description="the size estimate's stand-ins for trained weights: 'gaussian' (N(0, 1): an upper "
+        "bound; within 1 % of the trained baseline) or 'heavy_tails' (unit-variance Student-t, calibrated "
+        "on a lineage whose trained int6 rows compressed far below the Gaussian figure)",
+    )
 
 
 class EvalConfig(_Section):

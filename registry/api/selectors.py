@@ -97,8 +97,12 @@ Layers = Annotated[
 
 _SCOPE_FORMS = (
     "'all', 'none', 'matrices' (the block matrices: attn_q/k/v/o, mlp_up/down), 'embeddings', or a list "
-    "of kinds and roles such as [attn_q, mlp_up, embedding]"
+    "of kinds, roles and those two groups such as [attn_q, mlp_up, embedding] or [matrices, embed]"
 )
+
+
+_GROUPS = ("matrices", "embeddings")
+"""Scope forms that may also appear inside a list (``[matrices, embed]``)."""
 
 
 @dataclass(frozen=True)
@@ -120,12 +124,12 @@ class TensorScope:
                 return cls(s)
             value = [s]
         if isinstance(value, (list, tuple)) and value:
-            allowed = {k.value for k in Kind} | {r.value for r in Role}
+            allowed = {k.value for k in Kind} | {r.value for r in Role} | set(_GROUPS)
             bad = [v for v in value if not isinstance(v, str) or v not in allowed]
             if bad:
                 raise ValueError(
                     f"unknown kind or role {bad[0]!r}; kinds: {', '.join(k.value for k in Kind)}; "
-                    f"roles: {', '.join(r.value for r in Role)}"
+                    f"roles: {', '.join(r.value for r in Role)}; groups: {', '.join(_GROUPS)}"
                 )
             return cls("list", tuple(value))
         raise ValueError(f"expected {_SCOPE_FORMS}, got {value!r}")
@@ -145,7 +149,32 @@ class TensorScope:
             return info.kind in BLOCK_MATRIX_KINDS
         if self.form == "embeddings":
             return info.kind == Kind.EMBED or info.role == Role.EMBEDDING
-        return info.kind.value in self.names or info.role.value in self.names
+        groups = [TensorScope(n) for n in self.names if n in _GROUPS]
+        return (
+            info.kind.value in self.names
+            or info.role.value in self.names
+            or any(g.contains(info) for g in groups)
+        )
+
+    def may_claim_kind(self, kind: Any) -> bool:
+        """Whether a tensor of this :class:`~pgolf.registry.api.roles.Kind` can fall in this scope
+        (False only when none can: e.g. ``embed`` under ``matrices``). A role in the scope may
+        label tensors of any kind."""
+        from .roles import BLOCK_MATRIX_KINDS, Kind, Role
+
+        if self.form in ("all", "embeddings"):
+            return True
+        if self.form == "none":
+            return False
+        if self.form == "matrices":
+            return kind in BLOCK_MATRIX_KINDS
+        roles = {r.value for r in Role}
+        return (
+            kind.value in self.names
+            or any(n in roles for n in self.names)
+            or any(TensorScope(n).may_claim_kind(kind) for n in self.names if n in _GROUPS)
+            or (kind == Kind.EMBED and "embeddings" in self.names)
+        )
 
     def __str__(self) -> str:
         return str(self.dump())

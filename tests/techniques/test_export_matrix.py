@@ -172,3 +172,28 @@ def test_the_size_estimate_is_within_one_percent_or_errs_high_and_says_so(
         assert ratio <= 1 + bound, (
             f"{quantizer} + {codec}: {100 * (ratio - 1):+.1f} % high, above the stated bound"
         )
+
+
+def test_heavy_tailed_stand_ins_have_heavy_tails_and_the_gaussian_ones_bound_their_estimate() -> None:
+    """export.size_estimate: the default stand-ins are N(0, 1) draws; heavy_tails gives unit-variance
+    Student-t draws (ν = SURROGATE_TAIL_DOF), which take fewer bits on a grid scaled by a row's
+    largest values; the estimate says which it used."""
+    from pgolf.registry.run.pipeline import SURROGATE_TAIL_DOF, surrogate_weights_
+
+    rs = tiny_stack({}, model={"model_dim": 64})
+    b = build(rs, torch.device("cpu"))
+    surrogate_weights_(b.model, 0, "heavy_tails")
+    w = b.model.blocks[0].mlp.fc.weight.detach().double()
+    kurtosis = float(((w - w.mean()) ** 4).mean() / w.var() ** 2)
+    assert abs(float(w.std()) - 1) < 0.15 and kurtosis > 5, kurtosis  # N(0, 1): 3
+    surrogate_weights_(b.model, 0)
+    g = b.model.blocks[0].mlp.fc.weight.detach().double()
+    assert (
+        abs(float(g.std()) - 1) < 0.05 and abs(float(((g - g.mean()) ** 4).mean() / g.var() ** 2) - 3) < 0.5
+    )
+    techniques = {"rtn": {"bits": 6, "clip": "percentile"}}
+    gaussian = estimate_artifact_bytes(tiny_stack(techniques, model={"model_dim": 64}))
+    heavy = estimate_artifact_bytes(tiny_stack(techniques, model={"model_dim": 64},
+                                               export={"size_estimate": "heavy_tails"}))  # fmt: skip
+    assert heavy.model_bytes < 0.98 * gaussian.model_bytes, (heavy.model_bytes, gaussian.model_bytes)
+    assert f"ν = {SURROGATE_TAIL_DOF:g}" in heavy.method and "N(0,1) draws" in gaussian.method

@@ -197,7 +197,7 @@ def test_a_hessian_that_cannot_be_factorised_falls_back() -> None:
 
 
 def test_params_validate_per_kind_bits() -> None:
-    p = GPTQParams(bits={"default": 6, "embed": 7})  # type: ignore[arg-type]
+    p = GPTQParams(bits={"default": 6, "embed": 7}, scope=["matrices", "embed"])  # type: ignore[arg-type]
     tech = GPTQ(p, None)  # type: ignore[arg-type]
     assert tech.qmax(Kind.EMBED) == 63 and tech.qmax(Kind.MLP_UP) == 31
     for bad, msg in [({"embed": 7}, "needs a 'default'"), ({"default": 6, "bogus": 5}, "unknown kind 'bogus'"),

@@ -10,6 +10,7 @@ import torch
 from runs import technique, tiny_stack, tiny_trainer, token_shard
 
 from pgolf.registry import Ctx, Kind, ParamInfo, PgolfError, Role
+from pgolf.registry.run.export import export_model
 from pgolf.registry.run.model import Linear
 from pgolf.registry.run.pipeline import build
 from pgolf.techniques._rowquant import (
@@ -82,7 +83,7 @@ def test_rtn_codes_and_scales_match_a_row_by_row_reference(clip: str, bits: int)
 def test_bits_per_kind_and_the_scale_floor() -> None:
     torch.manual_seed(0)
     w = torch.randn(8, 64) * 0.003  # rows far below 1: the floor decides the step
-    tech = rtn(bits={"default": 6, "mlp_up": 5, "embed": 8}, clip="absmax", scale_floor=True)
+    tech = rtn(bits={"default": 6, "mlp_up": 5, "embed": 8}, clip="absmax", scale_floor=True, scope="all")
     assert tech.grid(Kind.MLP_UP).qmax == 15 and tech.grid(Kind.ATTN_Q).qmax == 31
     assert tech.grid(Kind.EMBED).qmax == 127
     data = tech.quantize("w", w, info(Kind.ATTN_Q, (8, 64)))
@@ -173,3 +174,36 @@ def test_rtn_and_gptq_on_disjoint_scopes_share_one_model() -> None:
 
     packed = export_model(b.model, b.sites, tiny_stack({}).stack.export).packed["tensors"]
     assert packed["tok_emb.weight"]["q"] == "rtn" and packed["blocks.0.mlp.fc.weight"]["q"] == "gptq"
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_a_per_kind_entry_the_scope_never_claims_is_refused(quantizer: str) -> None:
+    """`bits: {default: 6, embed: 8}` under the default scope (the block matrices) left the embedding
+    to int8_rowwise without a word (three reference stacks did so): refused, naming the entry;
+    `scope: [matrices, embed]` claims both, and the embedding is then stored on its 8-bit grid."""
+    from pgolf.registry.api.config import stack_from_dict
+    from pgolf.registry.api.errors import ConfigError
+    from pgolf.registry.api.selectors import TensorScope
+
+    for key, value in (("bits", {"default": 6, "embed": 8}), ("sdclip_k", {"default": 12.85, "embed": 20.0})):
+        with pytest.raises(
+            ConfigError, match=rf"{key}\.embed: the scope matrices never claims embed tensors"
+        ):
+            stack_from_dict({"techniques": {quantizer: {key: value}}})
+    with pytest.raises(ConfigError, match=r"bits\.mlp_up: the scope \['embed'\] never claims"):
+        stack_from_dict(
+            {"techniques": {quantizer: {"scope": ["embed"], "bits": {"default": 6, "mlp_up": 5}}}}
+        )
+    scope = TensorScope.parse(["matrices", "embed"])
+    assert scope.may_claim_kind(Kind.EMBED) and scope.may_claim_kind(Kind.MLP_UP)
+    assert not scope.may_claim_kind(Kind.CONTROL)
+    assert TensorScope.parse(["matrices", "embedding"]).may_claim_kind(Kind.CONTROL)  # a role: any kind
+    emb = ParamInfo("tok_emb.weight", Role.EMBEDDING, Kind.EMBED, None, (64, 32))
+    mlp = ParamInfo("blocks.0.mlp.fc.weight", Role.MATRIX, Kind.MLP_UP, 0, (128, 32))
+    assert scope.contains(emb) and scope.contains(mlp) and not TensorScope.parse("matrices").contains(emb)
+    rs = stack_from_dict({"model": {"num_layers": 1, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1},
+                          "techniques": {quantizer: {"scope": ["matrices", "embed"], "bits": {"default": 6, "embed": 8}}}})  # fmt: skip
+    b = build(rs, torch.device("cpu"))
+    ex = export_model(b.model, b.sites, rs.stack.export)
+    assert ex.packed["tensors"]["tok_emb.weight"]["q"] == quantizer
+    assert ex.packed["tensors"]["blocks.0.mlp.fc.weight"]["q"] == quantizer
