@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from pgolf.registry import Ctx, Kind, ParamInfo, Params, Role, Technique, TensorScope, hook
 from pgolf.registry.api.errors import RunFailed
+from pgolf.registry.api.roles import BLOCK_MATRIX_KINDS
 
 FP16_MIN = 2.0**-24  # smallest positive fp16 (subnormal): scales never round to 0
 FP16_MAX = 65504.0
@@ -93,23 +94,44 @@ class RowGridParams(Params):
 
     @model_validator(mode="after")
     def _per_kind_entries_are_in_scope(self) -> RowGridParams:
-        """A per-kind entry for a kind the quantizer's ``scope`` never claims would do nothing
-        (``bits: {default: 6, embed: 8}`` under ``scope: matrices`` left the embedding to the
-        default quantizer): refused, naming the entry and the scope."""
+        """A per-kind entry for a kind the technique never applies to would do nothing
+        (``bits: {default: 6, embed: 8}`` under a quantizer's ``scope: matrices`` left the
+        embedding to the default quantizer; under a QAT's ``kinds`` it trains nothing at 8 bits):
+        refused, naming the entry and the scope or kinds."""
         scope = getattr(self, "scope", None)
-        if not isinstance(scope, TensorScope):
+        kinds = getattr(self, "kinds", None)
+        if isinstance(scope, TensorScope):
+            applies, where = scope.may_claim_kind, f"the scope {scope} never claims"
+        elif kinds is not None:
+            applies, where = (lambda k: k in kinds), f"kinds {[k.value for k in kinds]} never include"
+        else:
             return self
         for field in ("bits", "sdclip_k"):
             value = getattr(self, field)
             if not isinstance(value, Mapping):
                 continue
             for key in value:
-                if key != "default" and not scope.may_claim_kind(Kind(key)):
+                if key != "default" and not applies(Kind(key)):
+                    target = (
+                        "scope (e.g. scope: [matrices, " if scope is not None else "kinds (e.g. kinds: [..., "
+                    )
                     raise ValueError(
-                        f"{field}.{key}: the scope {scope} never claims {key} tensors, so this entry would "
-                        f"do nothing; add {key} to the scope (e.g. scope: [matrices, {key}]) or remove the entry"
+                        f"{field}.{key}: {where} {key} tensors, so this entry would do nothing; add {key} to "
+                        f"the {target}{key}]) or remove the entry"
                     )
         return self
+
+
+class FakeQuantParams(RowGridParams):
+    """The grid a QAT technique trains for (the export's bits and scale rule) and the Linear kinds
+    it fake-quantizes (``qat``, ``late_qat``)."""
+
+    clip: Clip = Field(
+        "absmax", description="scale rule of the export it trains for: absmax, sdclip, percentile"
+    )
+    kinds: tuple[Kind, ...] = Field(
+        BLOCK_MATRIX_KINDS, min_length=1, description="Linear kinds trained through fake quantization"
+    )
 
 
 @dataclass(frozen=True)

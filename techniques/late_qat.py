@@ -46,21 +46,14 @@ from pydantic import Field
 from torch import nn
 
 from pgolf.registry import Kind, Switch, Technique, TrainState, hook, register
-from pgolf.registry.api.roles import BLOCK_MATRIX_KINDS
-from pgolf.techniques._rowquant import Clip, FakeQuantWeight, Grid, RowGridParams
+from pgolf.techniques._rowquant import FakeQuantParams, FakeQuantWeight, Grid
 
 SWITCH = "late_qat"
 
 
-class LateQATParams(RowGridParams):
+class LateQATParams(FakeQuantParams):
     threshold: float = Field(
         0.15, gt=0.0, le=1.0, description="turn on after a step whose LR multiplier was below this"
-    )
-    clip: Clip = Field(
-        "absmax", description="scale rule of the export it trains for: absmax, sdclip, percentile"
-    )
-    kinds: tuple[Kind, ...] = Field(
-        BLOCK_MATRIX_KINDS, min_length=1, description="Linear kinds trained through fake quantization"
     )
 
 

@@ -32,21 +32,14 @@ from pydantic import Field
 from torch import nn
 
 from pgolf.registry import Kind, Switch, Technique, TrainState, hook, register
-from pgolf.registry.api.roles import BLOCK_MATRIX_KINDS
-from pgolf.techniques._rowquant import Clip, FakeQuantWeight, Grid, RowGridParams
+from pgolf.techniques._rowquant import FakeQuantParams, FakeQuantWeight, Grid
 
 SWITCH = "qat"
 
 
-class QATParams(RowGridParams):
+class QATParams(FakeQuantParams):
     start_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="turn on at this fraction of training (0 = from the first step)"
-    )
-    clip: Clip = Field(
-        "absmax", description="scale rule of the export it trains for: absmax, sdclip, percentile"
-    )
-    kinds: tuple[Kind, ...] = Field(
-        BLOCK_MATRIX_KINDS, min_length=1, description="Linear kinds trained through fake quantization"
     )
 
 

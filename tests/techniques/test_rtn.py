@@ -194,6 +194,8 @@ def test_a_per_kind_entry_the_scope_never_claims_is_refused(quantizer: str) -> N
         stack_from_dict(
             {"techniques": {quantizer: {"scope": ["embed"], "bits": {"default": 6, "mlp_up": 5}}}}
         )
+    with pytest.raises(ConfigError, match=r"late_qat: Value error, bits\.embed: kinds \['attn_q'"):
+        stack_from_dict({"techniques": {"late_qat": {"bits": {"default": 6, "embed": 8}}}})  # QAT's kinds too
     scope = TensorScope.parse(["matrices", "embed"])
     assert scope.may_claim_kind(Kind.EMBED) and scope.may_claim_kind(Kind.MLP_UP)
     assert not scope.may_claim_kind(Kind.CONTROL)
