@@ -122,6 +122,9 @@ class Technique:
     ``size_estimate_high``  with a note: the largest relative over-estimate the note states
                      (0.25: the estimate may be up to 25 % above the real artifact); the
                      generated size tests hold every quantizer × codec to it.
+    ``size_cap()``   the model bytes its export step guarantees not to exceed, whatever the
+                     trained codes (selective pruning's ``target_bytes``), or None: the size
+                     estimate's allowance for calibration-dependent codes stops there.
     ``contract_params``  params the generated contract and end-to-end tests use, for
                      techniques whose defaults (sized for the records' 11 × 512 models) do not
                      fit 2–4-layer test models (e.g. a loop over layers 3–5); defaults are still
@@ -150,6 +153,11 @@ class Technique:
         self.params = params
         self.spec = spec
         self._log: Callable[[str], None] | None = None
+
+    def size_cap(self) -> int | None:
+        """Model bytes this technique's export step guarantees not to exceed (None: no such
+        guarantee). The size estimate caps its allowance for calibration-dependent codes there."""
+        return None
 
     def log(self, message: str) -> None:
         """A line in the run's log (``run.log`` and the console), prefixed with the technique's

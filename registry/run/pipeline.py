@@ -378,6 +378,18 @@ def estimate_artifact_bytes(
         ex = export_model(b.model, b.sites, rs.stack.export)
         share = allowance_share(ex.packed, ex.infos, b.sites)
         allowance = math.ceil(len(ex.blob) * share)
+        caps = [(c, t) for t in b.techniques if (c := t.size_cap()) is not None]
+        cap, capper = min(caps, key=lambda ct: ct[0]) if caps else (None, None)
+        if cap is not None and capper is not None and len(ex.blob) <= cap:
+            # the export enforces the cap on the trained codes too: the allowance stops there
+            allowance = min(allowance, cap - len(ex.blob))
+            pruned = getattr(capper, "report", {})
+            if pruned.get("pruned"):
+                notes.append(
+                    f"{capper.name}: zeroed {pruned['pruned']:,} of {pruned['candidates']:,} ±1 codes of the "
+                    f"stand-in weights to reach its {cap:,}-byte target (trained codes may need fewer or more); "
+                    "the allowance for calibration-dependent codes stops at the target, which the export enforces"
+                )
         model_bytes = len(ex.blob) + allowance
         if allowance:
             notes.append(

@@ -3,6 +3,8 @@ search, and calibrated exports that reach the target and read back exactly."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,30 @@ def test_selective_pruning_reaches_a_byte_target_on_a_real_export(tmp_path) -> N
     size = write_artifact(tmp_path / "m.ptz", b2.model, b2.sites, rs.stack.export)  # exact read-back
     rep = technique(b2, "selective_pruning").report
     assert size == rep["bytes"] <= target and 0 < rep["pruned"] < rep["candidates"]
+
+
+def test_the_size_estimate_stops_gptqs_allowance_at_the_pruning_target() -> None:
+    """GPTQ's size_allowance covers trained codes compressing worse than the stand-ins'; with
+    selective pruning the export prunes to target_bytes whatever the codes, so the estimate never
+    exceeds the target it reached (and says how much of the stand-ins it pruned)."""
+    from pgolf.registry.run.pipeline import estimate_artifact_bytes
+
+    techniques: dict[str, Any] = {"gptq": {"bits": 5, "calibration_batches": 1}, "zstd": {"level": 3}}
+    plain = estimate_artifact_bytes(tiny_stack(techniques, export={"passthrough_max_numel": 0}))
+    assert plain.allowance > 0
+    blob = plain.model_bytes - plain.allowance
+    roomy = blob + plain.allowance // 2  # the stand-ins fit without pruning; the allowance would not
+    est = estimate_artifact_bytes(
+        tiny_stack(
+            {**techniques, "selective_pruning": {"target_bytes": roomy}}, export={"passthrough_max_numel": 0}
+        )
+    )
+    assert est.model_bytes == roomy and est.allowance == roomy - blob
+    tight = blob - 200  # the stand-ins are pruned to the target: no allowance on top
+    est = estimate_artifact_bytes(
+        tiny_stack(
+            {**techniques, "selective_pruning": {"target_bytes": tight}}, export={"passthrough_max_numel": 0}
+        )
+    )
+    assert est.model_bytes <= tight and est.allowance == tight - (est.model_bytes - est.allowance)
+    assert "selective_pruning: zeroed" in est.method and "stand-in weights" in est.method
