@@ -382,13 +382,20 @@ def estimate_artifact_bytes(
         cap, capper = min(caps, key=lambda ct: ct[0]) if caps else (None, None)
         if cap is not None and capper is not None and len(ex.blob) <= cap:
             # the export enforces the cap on the trained codes too: the allowance stops there
+            capped = allowance > cap - len(ex.blob)
             allowance = min(allowance, cap - len(ex.blob))
-            pruned = getattr(capper, "report", {})
-            if pruned.get("pruned"):
+            report = getattr(capper, "report", {})
+            pruned = report.get("pruned", 0)
+            if pruned or capped:
+                what = (
+                    f"zeroed {pruned:,} of {report.get('candidates', 0):,} ±1 codes of the stand-in weights to "
+                    "reach"
+                    if pruned
+                    else "the stand-in weights needed no pruning to reach"
+                )
                 notes.append(
-                    f"{capper.name}: zeroed {pruned['pruned']:,} of {pruned['candidates']:,} ±1 codes of the "
-                    f"stand-in weights to reach its {cap:,}-byte target (trained codes may need fewer or more); "
-                    "the allowance for calibration-dependent codes stops at the target, which the export enforces"
+                    f"{capper.name}: {what} its {cap:,}-byte target (trained codes may need more or fewer); the "
+                    "allowance for calibration-dependent codes stops at the target, which the export enforces"
                 )
         model_bytes = len(ex.blob) + allowance
         if allowance:

@@ -110,6 +110,7 @@ def test_the_size_estimate_stops_gptqs_allowance_at_the_pruning_target() -> None
         )
     )
     assert est.model_bytes == roomy and est.allowance == roomy - blob
+    assert "selective_pruning: the stand-in weights needed no pruning to reach" in est.method
     tight = blob - 200  # the stand-ins are pruned to the target: no allowance on top
     est = estimate_artifact_bytes(
         tiny_stack(
