@@ -109,7 +109,7 @@ def test_each_record_stack_runs_end_to_end_at_a_tiny_size(
 
 # Companion searches exist for the records whose size estimate fits (bench/record_estimates.json): the
 # size gate would reject every point of the others.
-SEARCHES = ["pr576", "pr754", "pr826", "pr2135"]
+SEARCHES = ["pr576", "pr754", "pr826", "pr1539", "pr2135"]
 
 
 @pytest.mark.parametrize("name", SEARCHES)
