@@ -29,8 +29,8 @@ from pgolf.registry.tools.submission import (
 )
 
 BASELINE_SCRIPT_LIMIT = 20_000
-"""Bytes the baseline stack's wrapped script may take (issue 14's bound; measured 19,956 on 2026-12-01
-after issue 11's loader rewind, ctx.repeat and TrainState.shared). Code that grows the baseline's
+"""Bytes the baseline stack's wrapped script may take (issue 14's bound; measured 19,985 on 2026-12-01 (19,956
+before Technique.size_cap) after issue 11's loader rewind, ctx.repeat and TrainState.shared). Code that grows the baseline's
 run grows every submission's artifact: make it reachable only from the techniques that need it."""
 
 NINE = {
