@@ -160,7 +160,7 @@ class TensorScope:
         """Whether a tensor of this :class:`~pgolf.registry.api.roles.Kind` can fall in this scope
         (False only when none can: e.g. ``embed`` under ``matrices``). A role in the scope may
         label tensors of any kind."""
-        from .roles import BLOCK_MATRIX_KINDS, Kind, Role
+        from .roles import BLOCK_MATRIX_KINDS, Role
 
         if self.form in ("all", "embeddings"):
             return True
@@ -173,7 +173,6 @@ class TensorScope:
             kind.value in self.names
             or any(n in roles for n in self.names)
             or any(TensorScope(n).may_claim_kind(kind) for n in self.names if n in _GROUPS)
-            or (kind == Kind.EMBED and "embeddings" in self.names)
         )
 
     def __str__(self) -> str:
