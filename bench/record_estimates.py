@@ -11,8 +11,9 @@ record's model bytes per parameter and the estimate's::
     python bench/record_estimates.py                       # every stacks/pr*.yaml
     python bench/record_estimates.py --only pr754 pr1539   # some, merged into the file
 
-Each estimate takes 1-5 minutes on a 2-core CPU (the codec at its record setting dominates:
-brotli-11, lzma-9 and zstd-22 on ~27 MB of codes).
+Each estimate took 1-20 minutes on the 2-core development machine (2026-12-01): the codec at its
+record setting dominates (brotli-11, lzma-9, zstd-22 on ~27 MB of codes), and a stack with
+selective pruning compresses the whole model once per probe (pr1539: 19 min).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import time
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{vs}; {row['size_estimate']} stand-ins; {row['seconds']} s", flush=True)  # fmt: skip
     doc = {
         "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs",
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "command": "python bench/record_estimates.py"
