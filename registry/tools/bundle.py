@@ -44,6 +44,7 @@ from typing import Any
 
 from ..api.errors import PgolfError
 from ..run.code import _is_pgolf, _module_file
+from ._astblocks import BlockTransformer
 
 ENTRY_MODULE = "pgolf.registry.run.submission"
 ENTRY_FUNCTION = "main"
@@ -348,41 +349,25 @@ def _decorated_dataclass(node: ast.ClassDef) -> bool:
     return any(_mentions(d, "dataclass") for d in node.decorator_list)
 
 
-class _Stripper(ast.NodeTransformer):
+class _Stripper(BlockTransformer):
     """Docstrings, annotations, ``if TYPE_CHECKING:`` and ``from __future__`` go. A dataclass's
     fields keep an annotation (``int``: its type is never read); a ``ClassVar`` is an attribute."""
 
     def __init__(self) -> None:
         self.fields: list[bool] = []  # per enclosing class body: do annotations make fields?
 
-    def _body(self, body: list[ast.stmt]) -> list[ast.stmt]:
+    def block(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
         out: list[ast.stmt] = []
-        for stmt in body:
+        for stmt in stmts:
             if _is_docstring(stmt) or (isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__"):
                 continue
             if isinstance(stmt, ast.If) and _is_type_checking(stmt.test):
-                out.extend(self._body(stmt.orelse) if stmt.orelse else [])
+                out.extend(self.block(stmt.orelse) if stmt.orelse else [])
                 continue
             r = self.visit(stmt)
             if r is not None:
                 out.extend(r if isinstance(r, list) else [r])
         return out
-
-    def generic_visit(self, node: ast.AST) -> ast.AST:
-        for name, value in ast.iter_fields(node):
-            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-                setattr(
-                    node, name, self._body(value) or ([] if name in ("orelse", "finalbody") else [ast.Pass()])
-                )
-            elif isinstance(value, list):
-                setattr(node, name, [self.visit(v) if isinstance(v, ast.AST) else v for v in value])
-            elif isinstance(value, ast.AST):
-                setattr(node, name, self.visit(value))
-        return node
-
-    def visit_Module(self, node: ast.Module) -> ast.Module:
-        node.body = self._body(node.body)
-        return node
 
     def visit_arg(self, node: ast.arg) -> ast.arg:
         node.annotation = None

@@ -31,6 +31,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ._astblocks import BlockTransformer
+
 DISPATCH = frozenset({"chain", "event", "implementers", "slot"})
 """Dispatcher methods whose first argument is a hook name."""
 _PURE_CALLS = frozenset({"list", "tuple", "len", "int", "float", "str", "dict", "set", "range", "bool"})
@@ -241,11 +243,8 @@ def _has_params(a: ast.arguments) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-_BODIES = ("body", "orelse", "finalbody")
-
-
-class _Folder(ast.NodeTransformer):
-    def _block(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
+class _Folder(BlockTransformer):
+    def block(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
         out: list[ast.stmt] = []
         for s in stmts:
             r = self.visit(s)
@@ -254,26 +253,6 @@ class _Folder(ast.NodeTransformer):
                 if isinstance(x, (ast.Return, ast.Raise, ast.Continue, ast.Break)):
                     return out  # the rest of the block never runs
         return out
-
-    def generic_visit(self, node: ast.AST) -> ast.AST:
-        for name, value in ast.iter_fields(node):
-            if isinstance(value, list) and name in (*_BODIES, "handlers"):
-                if name == "handlers":
-                    setattr(node, name, [self.visit(h) for h in value])
-                    continue
-                body = self._block(value)
-                if not body and name == "body":
-                    body = [ast.Pass()]
-                setattr(node, name, body)
-            elif isinstance(value, list):
-                setattr(node, name, [self.visit(v) if isinstance(v, ast.AST) else v for v in value])
-            elif isinstance(value, ast.AST):
-                setattr(node, name, self.visit(value))
-        return node
-
-    def visit_Module(self, node: ast.Module) -> ast.Module:
-        node.body = self._block(node.body)
-        return node
 
     def visit_Expr(self, node: ast.Expr) -> ast.AST | None:
         self.generic_visit(node)
