@@ -152,10 +152,12 @@ class Plan:
             extra={k: v for k, v in d.items() if k not in known},
         )
 
-    def write(self, study_dir: Path) -> None:
+    def write(self, study_dir: Path) -> Path:
         from .trainable import write_json
 
-        write_json(study_dir / ABLATION_FILE, self.to_dict())
+        path = study_dir / ABLATION_FILE
+        write_json(path, self.to_dict())
+        return path
 
 
 def read_plan(study_dir: Path) -> Plan:

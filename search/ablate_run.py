@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from .ablate import Plan, read_plan
 from .harness import Sample, StudyRunner, run_search
 from .ledger import LEDGER_NAME, run_path
@@ -104,18 +102,10 @@ class AblationRunner(StudyRunner):
         }
 
 
-def run_ablation(
-    loaded: LoadedSearch,
-    study_dir: Path,
-    *,
-    address: str | None = None,
-    resume: bool = False,
-    console: Console | None = None,
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """Run (or continue) the ablation study in ``study_dir`` (its ``ablation.json`` written)."""
-    summary = run_search(
-        loaded, study_dir, address=address, resume=resume, console=console, quiet=quiet,
-        runner_cls=AblationRunner,
-    )  # fmt: skip
-    return summary
+def run_ablation(loaded: LoadedSearch, study_dir: Path, plan: Plan | None, **kw: Any) -> dict[str, Any]:
+    """Run the ablation study in ``study_dir`` through :func:`run_search` (``kw``: its options): a new
+    one with its ``plan`` (written into the folder, and gone with it if the study fails before its
+    first variant), or a resumed one (``resume=True``, ``plan`` None: the folder holds it)."""
+    return run_search(
+        loaded, study_dir, runner_cls=AblationRunner, prepare=None if plan is None else plan.write, **kw
+    )

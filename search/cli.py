@@ -34,6 +34,17 @@ def _study_out(name: str) -> Path:
     return Path("studies") / f"{_safe(name) if name else 'study'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _new_study_dir(out: str | None, name: str) -> Path:
+    """The folder of a new study: ``--out`` or the default; one that holds anything is refused."""
+    study_dir = Path(out) if out else _study_out(name)
+    if study_dir.exists() and any(study_dir.iterdir()):
+        raise PgolfError(
+            f"--out {str(study_dir)!r} already exists and is not empty; continue it with "
+            f"--resume {study_dir} or choose another folder"
+        )
+    return study_dir
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from .spec import load_search
 
@@ -52,12 +63,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         loaded = load_study_spec(study_dir, args.set)
     else:
         loaded = load_search(args.search, args.set)
-        study_dir = Path(args.out) if args.out else _study_out(loaded.name)
-        if study_dir.exists() and any(study_dir.iterdir()):
-            raise PgolfError(
-                f"--out {str(study_dir)!r} already exists and is not empty; continue it with "
-                f"--resume {study_dir} or choose another folder"
-            )
+        study_dir = _new_study_dir(args.out, loaded.name)
         from .harness import run_search
     if not args.quiet:
         console.print(
@@ -292,8 +298,7 @@ def _technique_list(text: str | None) -> list[str] | None:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from pgolf.registry.api.config import load_stack
 
-    from .ablate import ABLATION_FILE, plan, read_plan, search_dict
-    from .ledger import LEDGER_NAME
+    from .ablate import plan, read_plan, search_dict
     from .spec import search_from_dict
 
     if args.resume and args.stack:
@@ -336,12 +341,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             timeout_seconds=args.timeout, size_workers=args.size_workers,
         )  # fmt: skip
         loaded = search_from_dict(data, source=args.stack, base_dir=Path(args.stack).resolve().parent)
-        study_dir = Path(args.out) if args.out else _study_out(loaded.name)
-        if study_dir.exists() and any(study_dir.iterdir()):
-            raise PgolfError(
-                f"--out {str(study_dir)!r} already exists and is not empty; continue it with "
-                f"--resume {study_dir} or choose another folder"
-            )
+        study_dir = _new_study_dir(args.out, loaded.name)
         from pgolf.registry.tools.cli import check_writable
 
         check_writable(study_dir, "--out", folder=True)
@@ -356,21 +356,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             + (", step-matched" if p.step_matched else "")
             + ")"
         )
-    created = not study_dir.exists()
-    if not args.resume:
-        study_dir.mkdir(parents=True, exist_ok=True)
-        p.write(study_dir)
-    try:
-        summary = run_ablation(
-            loaded, study_dir, address=args.address, resume=bool(args.resume),
-            console=None if args.quiet else console, quiet=args.quiet,
-        )  # fmt: skip
-    except BaseException:
-        if not args.resume and not (study_dir / LEDGER_NAME).exists():  # nothing ran: leave nothing
-            (study_dir / ABLATION_FILE).unlink(missing_ok=True)
-            if created and study_dir.is_dir() and not any(study_dir.iterdir()):
-                study_dir.rmdir()
-        raise
+    summary = run_ablation(
+        loaded, study_dir, None if args.resume else p, address=args.address, resume=bool(args.resume),
+        console=None if args.quiet else console, quiet=args.quiet,
+    )  # fmt: skip
     _results(study_dir, quiet=True)
     _ablation_report(study_dir, quiet=args.quiet)
     code = int(summary.get("exit_code") or 0)

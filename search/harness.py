@@ -1302,15 +1302,19 @@ def run_search(
     console: Console | None = None,
     quiet: bool = False,
     runner_cls: type[StudyRunner] | None = None,
+    prepare: Callable[[Path], Path] | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a study in ``study_dir``; returns a summary dict (``exit_code`` 130 or
     143 when a signal stopped it). A new study that fails before its first sample (storage,
     Ray, data) leaves nothing behind. ``runner_cls``: a :class:`StudyRunner` subclass that
-    decides more (``pgolf ablate``'s)."""
+    decides more (``pgolf ablate``'s); ``prepare``: writes a file of a new study that the runner
+    reads (``pgolf ablate``'s plan) into the folder and returns its path."""
     made = _Made(not study_dir.exists(), [])
     study_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _study_lock(study_dir), _Quiet():
+            if prepare is not None and not resume:
+                made.files.append(prepare(study_dir))
             return _run_search(
                 loaded, study_dir, address, resume, console, quiet, made, runner_cls or StudyRunner
             )

@@ -412,3 +412,27 @@ def test_a_queued_point_being_sized_when_the_driver_died_is_queued_again(
     again.to_launch = again.budget()
     cfg = again.next_config()
     assert cfg is not None and again.records[cfg["number"]]["point_text"] == "full"
+
+
+def test_a_new_ablation_that_fails_before_its_first_variant_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness = pytest.importorskip("pgolf.search.harness")
+    from pgolf.registry.tools.cli import main
+
+    seen: list[bool] = []
+
+    def no_data(stack: Any) -> None:  # after the runner read the plan, before Ray
+        seen.append((out / ablate.ABLATION_FILE).is_file())
+        raise PgolfError("no data here")
+
+    monkeypatch.setattr(harness, "prepare_data", no_data)
+    stack = tmp_path / "four.yaml"
+    stack.write_text(json.dumps({"base": str(BASELINE), "name": "four", "techniques": FOUR}))
+    out = tmp_path / "study"
+    args = ["ablate", str(stack), "--out", str(out), "--gpus", "0", "--cpus", "1", "--techniques", "xsa"]
+    assert main(args) == 2 and "no data here" in capsys.readouterr().err
+    assert seen == [True] and not out.exists()
+    out.mkdir()  # an empty folder the user made: kept, and still empty
+    assert main(args) == 2 and seen == [True, True]
+    assert out.is_dir() and not any(out.iterdir())
