@@ -37,7 +37,7 @@ unnormalised versions' 0.3–0.97 BPB were artefacts. Measured with pgolf on the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -204,9 +204,16 @@ class NgramCache(Technique):
         p = self.params
         return entropy_weight(logprobs, p.alpha_min, p.alpha_span, p.center, p.slope)
 
-    def backoff_counts(self, hashes: list[tuple[int, Tensor, Tensor]], vocab: int) -> tuple[Tensor, Tensor]:
-        """(c(ctx, ·) (n,V) of the highest order whose context was seen ``min_count`` times, rows
-        where some order's was): counts over the whole vocabulary."""
+    def backoff_counts(
+        self,
+        hashes: list[tuple[int, Tensor, Tensor]],
+        vocab: int,
+        accept: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(c(ctx, ·) (n,V) of the highest order whose context was seen ``min_count`` times and whose
+        counts ``accept`` (default: some token followed it), rows where some order's were): counts
+        over the whole vocabulary. ``accept(counts (r,V), use (n,))``: which of the rows in ``use``
+        take this order's counts (r,)."""
         n = hashes[0][1].numel()
         dev = hashes[0][1].device
         q = torch.zeros(n, vocab, device=dev)
@@ -216,7 +223,7 @@ class NgramCache(Technique):
             if not bool(use.any()):
                 continue
             counts = self.tables.pair_counts(o, h[use], vocab).float()
-            ok = counts.sum(-1) > 0
+            ok = counts.sum(-1) > 0 if accept is None else accept(counts, use)
             rows = use.nonzero().flatten()[ok]
             q[rows] = counts[ok]
             found[rows] = True

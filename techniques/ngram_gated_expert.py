@@ -55,24 +55,14 @@ class NgramGatedExpert(NgramCache):
     ) -> Tensor:
         nxt = positions + 1
         known = nxt < context.numel()
-        realised = torch.where(known, context[nxt.clamp(max=context.numel() - 1)], -1)
-        n, vocab = logprobs.shape
-        counts = torch.zeros(n, vocab, device=logprobs.device)
-        found = torch.zeros(n, dtype=torch.bool, device=logprobs.device)
-        for o, h, valid in sorted(hashes, key=lambda x: -x[0]):
-            use = valid & known & ~found & (self.tables.context_counts(o, h) >= self.params.min_count)
-            if not bool(use.any()):
-                continue
-            c = self.tables.pair_counts(o, h[use], vocab).float()
-            seen = c.gather(1, realised[use].clamp(min=0)[:, None])[:, 0] > 0  # the gate reads x_{t+1}
-            rows = use.nonzero().flatten()[seen]
-            counts[rows] = c[seen]
-            found[rows] = True
-        blind = ~known  # no realised token handed over: back off by context, like the legal cache
-        if bool(blind.any()):
-            cb, fb = self.backoff_counts([(o, h[blind], v[blind]) for o, h, v in hashes], vocab)
-            rows = blind.nonzero().flatten()
-            counts[rows], found[rows] = cb, fb
+        realised = torch.where(known, context[nxt.clamp(max=context.numel() - 1)], -1)  # -1: not handed over
+
+        def gate(c: Tensor, use: Tensor) -> Tensor:
+            """The gate reads x_{t+1}; without it, the order backs off by context like the legal cache."""
+            r = realised[use]
+            return torch.where(r >= 0, c.gather(1, r.clamp(min=0)[:, None])[:, 0] > 0, c.sum(-1) > 0)
+
+        counts, found = self.backoff_counts(hashes, logprobs.size(-1), gate)
         if not bool(found.any()):
             return logprobs
         out = logprobs.clone()
