@@ -47,14 +47,15 @@ def run_path(stored: str | Path, study_dir: Path) -> Path:
     return p if p.is_absolute() else study_dir / p
 
 
-def _clean(v: Any) -> Any:
-    """JSON without NaN/inf (they become null)."""
+def finite_json(v: Any) -> Any:
+    """JSON without NaN/inf (they become null), in nested mappings and sequences too: the ledger and
+    the trials' results are strict JSON."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, Mapping):
-        return {str(k): _clean(x) for k, x in v.items()}
+        return {str(k): finite_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [finite_json(x) for x in v]
     return v
 
 
@@ -63,7 +64,7 @@ class Ledger:
         self.path = path
 
     def append(self, event: Mapping[str, Any]) -> None:
-        ev = {"time": round(time.time(), 3), **_clean(dict(event))}
+        ev = {"time": round(time.time(), 3), **finite_json(dict(event))}
         line = json.dumps(ev, sort_keys=False, default=str) + "\n"
         if self._torn_tail():  # a line cut by a crash: end it, so that this event stays whole
             line = "\n" + line

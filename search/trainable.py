@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .ledger import Ledger, finite_json
+
 TRIAL_RESULT = "trial_result.json"
 CONFIRM_RESULT = "confirm_result.json"
 TIME_ATTR = "search_step"
@@ -49,8 +51,6 @@ def matched_steps(match: Mapping[str, Any], seed: int, poll_seconds: float = 2.0
     """The step count of ``seed`` in the reference trial (``match['run_dir']``), waiting for it
     while the study ledger (``match['ledger']``) says the reference (``match['number']``) has
     not ended; raises :class:`NoReference` when it ended without that seed's result."""
-    from .ledger import Ledger
-
     ref_dir, number = Path(match["run_dir"]), int(match["number"])
     result = ref_dir / f"seed_{seed}" / "result.json"
     ledger = Ledger(Path(match["ledger"]))
@@ -140,20 +140,9 @@ def check_finite(res: Mapping[str, Any], what: str) -> None:
             raise NonFiniteScore(f"{what}: {k} is {v} (not finite) after reloading the artifact")
 
 
-def _strict(v: Any) -> Any:
-    """JSON without NaN/inf (they become null): results are strict JSON."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, Mapping):
-        return {str(k): _strict(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_strict(x) for x in v]
-    return v
-
-
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
