@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pgolf.registry.api.config import ResolvedStack, stack_from_dict
+from pgolf.registry.run.bpb import ByteLUT
 from pgolf.registry.run.data import DistributedTokenLoader, write_shard
 from pgolf.registry.run.pipeline import Built, build
 from pgolf.registry.run.runtime import Runtime, seed_everything
@@ -19,6 +20,12 @@ VOCAB = 64
 MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": VOCAB}
 TRAIN = {"train_seq_len": 16, "train_batch_tokens": 32, "micro_batch_tokens": 32, "iterations": 4,
          "max_wallclock_seconds": 0, "warmup_steps": 0, "warmdown_iters": 0}  # fmt: skip
+
+
+def one_byte_lut(vocab: int = VOCAB) -> ByteLUT:
+    """Byte accounting where every token is one byte (no leading spaces, no boundaries)."""
+    return ByteLUT(torch.ones(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
+                   torch.zeros(vocab, dtype=torch.bool), vocab)  # fmt: skip
 
 
 def token_shard(folder: Path, n: int = 4096, seed: int = 0) -> Path:

@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import small_spec
+from runs import CPU, one_byte_lut
 
 from pgolf.registry import Dispatcher, PgolfError
-from pgolf.registry.run.bpb import ByteLUT
 from pgolf.registry.run.evaluate import evaluate
 from pgolf.registry.run.model import GPT
-from pgolf.registry.run.runtime import Runtime
 from pgolf.techniques.score_first_ttt import (
     ScoreFirstTTT,
     ScoreFirstTTTParams,
@@ -23,11 +22,8 @@ from pgolf.techniques.score_first_ttt import (
 from pgolf.techniques.sliding_window import SlidingWindow, SlidingWindowParams, scored_range, window_starts
 from pgolf.techniques.temperature import Temperature, TemperatureParams, apply_temperature
 
-CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")
 V = 64
-LUT = ByteLUT(
-    torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool), V
-)
+LUT = one_byte_lut(V)
 
 
 def model(seed: int = 0) -> GPT:

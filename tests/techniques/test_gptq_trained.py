@@ -9,16 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import CPU, VOCAB, technique, tiny_stack, tiny_trainer
+from runs import CPU, VOCAB, one_byte_lut, technique, tiny_stack, tiny_trainer
 
-from pgolf.registry.run.bpb import ByteLUT
 from pgolf.registry.run.data import write_shard
 from pgolf.registry.run.evaluate import evaluate
 from pgolf.registry.run.export import load_artifact, load_into, write_artifact
 from pgolf.registry.run.pipeline import build
 
-LUT = ByteLUT(torch.ones(VOCAB, dtype=torch.int16), torch.zeros(VOCAB, dtype=torch.bool),
-              torch.zeros(VOCAB, dtype=torch.bool), VOCAB)  # fmt: skip
+LUT = one_byte_lut()
 SHAPE = {"model": {"model_dim": 64},
          "train": {"iterations": 60, "train_seq_len": 32, "train_batch_tokens": 512, "micro_batch_tokens": 512},
          "export": {"passthrough_max_numel": 0}}  # fmt: skip

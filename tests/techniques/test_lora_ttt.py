@@ -8,20 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_build
+from runs import CPU, one_byte_lut
 
 from pgolf.registry import Ctx, Kind, Role
 from pgolf.registry.api.roles import param_infos
-from pgolf.registry.run.bpb import ByteLUT
 from pgolf.registry.run.evaluate import evaluate
-from pgolf.registry.run.runtime import Runtime
 from pgolf.techniques.lora_ttt import LoRAAdapter, document_chunks, document_spans
 from pgolf.techniques.phased_ttt import pause_batches
 
-CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")
 V = 64
-LUT = ByteLUT(
-    torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool), V
-)
+LUT = one_byte_lut(V)
 SMALL = {"chunk_tokens": 8, "short_chunks": [[8, 4]], "rank": 4, "alpha": 6.0}
 
 
