@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from pgolf.registry.api.config import apply_override
+from pgolf.registry.api.technique import REGISTRY
 
 from .spec import Dim
 
@@ -108,18 +109,33 @@ def apply(base: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:
                 techs.setdefault(parts[1], {})
             else:
                 techs.pop(parts[1], None)
-    for key, value in point.items():
+    # a parameter before its entries by kind (techniques.gptq.sdclip_k before ….sdclip_k.embed)
+    for key, value in sorted(point.items(), key=lambda kv: kv[0].count(".")):
         parts = key.split(".")
         if parts[0] == "techniques":
-            if len(parts) == 3:
+            if len(parts) >= 3:
                 entry = techs.get(parts[1])
                 entry = dict(entry) if isinstance(entry, Mapping) else {}
-                entry[parts[2]] = value
+                if len(parts) == 3:
+                    entry[parts[2]] = value
+                else:
+                    entry[parts[2]] = _with_entry(parts[1], parts[2], entry.get(parts[2]), parts[3], value)
                 techs[parts[1]] = entry
             continue
         apply_override(data, parts, value)
     data["techniques"] = techs
     return data
+
+
+def _with_entry(technique: str, param: str, current: Any, entry: str, value: Any) -> dict[str, Any]:
+    """A parameter given by kind with one entry set: ``{default: 12.85, embed: 20}`` from the
+    stack's mapping, or from its single value (which is the default entry), or from the
+    technique's own default when the stack leaves the parameter out."""
+    if current is None:
+        current = REGISTRY.get(technique).Params.model_fields[param].default
+    mapping = dict(current) if isinstance(current, Mapping) else {"default": current}
+    mapping[entry] = value
+    return mapping
 
 
 def describe_point(point: Mapping[str, Any]) -> str:
@@ -132,8 +148,8 @@ def describe_point(point: Mapping[str, Any]) -> str:
     for k, v in point.items():
         parts = k.split(".")
         if parts[0] == "techniques":
-            if len(parts) == 3:
-                tparams.setdefault(parts[1], []).append(f"{parts[2]}={fmt_value(v)}")
+            if len(parts) >= 3:
+                tparams.setdefault(parts[1], []).append(f"{'.'.join(parts[2:])}={fmt_value(v)}")
             continue
         out.append(f"{parts[-1]}={fmt_value(v)}")
     names = list(dict.fromkeys([*toggles, *tparams]))

@@ -401,8 +401,14 @@ def check_dims(dims: Sequence[Dim], base_techniques: Iterable[str]) -> list[tupl
 def _check_technique_dim(d: Dim, in_stack: set[str], toggled: set[str | None]) -> list[tuple[str, str]]:
     path, parts = f"space.{d.key}", d.parts
     problems: list[tuple[str, str]] = []
-    if len(parts) < 2 or len(parts) > 3:
-        return [(path, "expected techniques.<name> ({optional: true}) or techniques.<name>.<param>")]
+    if len(parts) < 2 or len(parts) > 4:
+        return [
+            (
+                path,
+                "expected techniques.<name> ({optional: true}), techniques.<name>.<param> or, for a "
+                "parameter set by kind, techniques.<name>.<param>.<kind>",
+            )
+        ]
     name = parts[1]
     if name not in REGISTRY:
         try:
@@ -441,8 +447,36 @@ def _check_technique_dim(d: Dim, in_stack: set[str], toggled: set[str | None]) -
                 f"techniques.{name}: {{optional: true}}",
             )
         )
-    _check_values(d, _field_adapter(cls.Params, param), problems)
+    if len(parts) == 4:
+        _check_entry_values(d, _field_adapter(cls.Params, param), f"techniques.{name}.{param}", problems)
+    else:
+        _check_values(d, _field_adapter(cls.Params, param), problems)
     return problems
+
+
+def _check_entry_values(
+    dim: Dim, adapter: TypeAdapter[Any], param: str, problems: list[tuple[str, str]]
+) -> None:
+    """A key ``techniques.<name>.<param>.<entry>`` sets one entry of a parameter given by kind
+    (``gptq``'s ``sdclip_k: {default: 12.85, embed: 20}``): each bound or choice must be valid as
+    that entry, and the parameter must take entries at all."""
+    entry = dim.parts[3]
+    values: Sequence[Any] = dim.choices if dim.kind == "choice" else (dim.low, dim.high)
+    for v in values:
+        try:
+            adapter.validate_python({"default": v, entry: v})
+        except ValidationError as e:
+            errs = e.errors()
+            own = [x for x in errs if x["type"] == "value_error"]  # the parameter's check: a kind
+            at_entry = [x for x in errs if entry in x["loc"]]
+            if own:
+                msg = str(own[0]["msg"]).removeprefix("Value error, ")
+            elif at_entry:
+                msg = f"value {v!r} is not valid for this entry: {at_entry[0]['msg']}" + yaml_number_hint(v)
+            else:
+                msg = f"{param} takes one value, not entries by kind; search it as {param}"
+            problems.append((f"space.{dim.key}", msg))
+            return
 
 
 def check_start_with(

@@ -143,3 +143,52 @@ def test_dim_contains() -> None:
     assert d.contains(2) and not d.contains(5) and not d.contains(2.5) and not d.contains(True)
     c = Dim("x.y", "choice", choices=(1, "a"))
     assert c.contains("a") and not c.contains(1.0) and not c.contains("b")
+
+
+def test_one_entry_of_a_parameter_set_by_kind() -> None:
+    """``techniques.gptq.sdclip_k.embed`` searches the embedding's clip alone (the records'
+    EMBED_CLIP_SIGMAS): the stack's mapping keeps its other entries, a single value becomes the
+    default entry, a parameter the stack leaves out starts from the technique's default, and a
+    point that also sets the whole parameter applies it first."""
+    base = {**TINY, "techniques": {"gptq": {"scope": ["matrices", "embed"], "sdclip_k": 12.0}}}
+    loaded = search_from_dict(
+        {"stack": base, "space": {"techniques.gptq.sdclip_k.embed": {"float": [15.0, 25.0]}}}
+    )
+    out = space.apply(loaded.base_data, {"techniques.gptq.sdclip_k.embed": 20.0})
+    assert out["techniques"]["gptq"]["sdclip_k"] == {"default": 12.0, "embed": 20.0}
+    (gptq,) = (r.params for r in stack_from_dict(out).techniques if r.name == "gptq")
+    assert gptq.sdclip_k == {"default": 12.0, "embed": 20.0}  # type: ignore[attr-defined]
+    mapped = {**base, "techniques": {"gptq": {"scope": "all", "sdclip_k": {"default": 11.0, "head": 9.0}}}}
+    out = space.apply(mapped, {"techniques.gptq.sdclip_k.embed": 18.0})
+    assert out["techniques"]["gptq"]["sdclip_k"] == {"default": 11.0, "head": 9.0, "embed": 18.0}
+    assert mapped["techniques"]["gptq"]["sdclip_k"] == {"default": 11.0, "head": 9.0}  # not modified
+    bare = {**base, "techniques": {"gptq": {"scope": "all"}}}
+    out = space.apply(bare, {"techniques.gptq.bits.embed": 8})
+    assert out["techniques"]["gptq"]["bits"] == {"default": 6, "embed": 8}  # gptq's default bits: 6
+    both = {"techniques.gptq.sdclip_k.embed": 18.0, "techniques.gptq.sdclip_k": 13.0}
+    assert space.apply(bare, both)["techniques"]["gptq"]["sdclip_k"] == {"default": 13.0, "embed": 18.0}
+    assert space.describe_point({"techniques.gptq.sdclip_k.embed": 18.0}) == "gptq(sdclip_k.embed=18)"
+
+
+@pytest.mark.parametrize(
+    ("key", "dim", "message"),
+    [
+        ("techniques.gptq.sdclip_k.emb", {"float": [15.0, 25.0]}, "unknown kind 'emb'"),
+        (
+            "techniques.gptq.sdclip_k.embed",
+            {"float": [15.0, 2000.0]},
+            "value 2000.0 is not valid for this entry",
+        ),
+        ("techniques.gptq.clip.embed", {"choice": ["sdclip"]}, "takes one value, not entries by kind"),
+        ("techniques.gptq.sdclip_k.embed.x", {"float": [1.0, 2.0]}, "techniques.<name>.<param>.<kind>"),
+    ],
+)
+def test_a_bad_entry_key_names_the_key_and_what_is_allowed(
+    key: str, dim: dict[str, Any], message: str
+) -> None:
+    from pgolf.registry.api.errors import ConfigError
+
+    base = {**TINY, "techniques": {"gptq": {"scope": ["matrices", "embed"]}}}
+    with pytest.raises(ConfigError) as e:
+        search_from_dict({"stack": base, "space": {key: dim}})
+    assert f"space.{key}" in str(e.value) and message in str(e.value)
