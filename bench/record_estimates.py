@@ -5,8 +5,8 @@ Runs ``estimate_artifact_bytes`` (what ``pgolf check`` and ``pgolf run`` gate on
 quantizer, calibration and codec on surrogate weights, plus the submission script) for each stack
 on the CPU and writes the figures to ``--out`` (JSON): model, code and total bytes, whether it
 fits, the surrogate (``export.size_estimate``), the parameter count, the seconds it took and, for
-a stack whose lineage has a published artifact (``../shared/reference/techniques.md`` §5), that
-record's model bytes per parameter and the estimate's::
+a stack whose lineage has a published artifact (``../shared/reference/techniques.md`` §5, or the
+record's own README for pr1716), that record's model bytes per parameter and the estimate's::
 
     python bench/record_estimates.py                       # every stacks/pr*.yaml
     python bench/record_estimates.py --only pr754 pr1539   # some, merged into the file
@@ -33,14 +33,18 @@ from pgolf.registry.api.config import load_stack
 from pgolf.registry.run.pipeline import dry_build, estimate_artifact_bytes
 
 REPO = Path(__file__).resolve().parent.parent
-# The lineage's published artifact (techniques.md §5): model bytes and parameters of the record each
-# stack builds on, where the stack's recipe is that record's export (quantizer, clip rule, codec).
+# The published artifact (techniques.md §5, or the record's own README): model bytes and parameters
+# of the record each stack builds on, where the stack's recipe is that record's export (quantizer,
+# clip rule, codec).
 PUBLISHED = {
     "pr754": {"record": "03-23 LeakyReLU + LegalTTT + ParallelMuon", "model_bytes": 15_887_928,
               "params": 26_928_220},
     "pr1539": {"record": "04-09 SP8192 3-layer recur + ParResid", "model_bytes": 15_975_300,
                "params": 35_944_536},
     "pr2135": {"record": "04-29 compliance rerun of #1851", "model_bytes": 15_918_316, "params": 35_945_671},
+    # PR #1716's own README: 15,993,825-byte mean artifact of 3 seeds less its 18,097 code bytes; it
+    # publishes no parameter count, so the comparison per parameter uses the stack's own count
+    "pr1716": {"record": "PR #1716 itself (3-seed mean)", "model_bytes": 15_975_728, "params": None},
 }  # fmt: skip
 
 
@@ -66,7 +70,8 @@ def measure(path: Path) -> dict[str, object]:
     }
     ref = PUBLISHED.get(path.stem)
     if ref is not None:
-        ref_bits = 8 * int(ref["model_bytes"]) / int(ref["params"])  # type: ignore[call-overload]
+        ref_params = int(ref["params"] or params)  # type: ignore[call-overload]
+        ref_bits = 8 * int(ref["model_bytes"]) / ref_params  # type: ignore[call-overload]
         row["published"] = {**ref, "bits_per_param": round(ref_bits, 3)}
         row["bits_vs_published"] = round(8 * est.model_bytes / params / ref_bits - 1, 4)
     return row
