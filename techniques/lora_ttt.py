@@ -1,9 +1,12 @@
 """LoRA test-time training per document: score each chunk of a document, then take one step on low-rank adapters that start afresh for every document.
 
 What: the stream is cut into documents at BOS (``bos_id``; a document's target positions run from
-its BOS to the position before the next BOS). Each document is scored in chunks: chunk
-[s, e) is predicted by one forward over the window of up to L = ``eval.seq_len`` tokens of the
-document ending at e (no context from earlier documents); its logits are emitted — the runner
+its BOS to the position before the next BOS). Each document [a, b) is scored in chunks: chunk
+[s, e) of size n (``chunk_tokens`` / ``short_chunks``; the last one cut short at b) is predicted
+by one forward over the document's tokens from max(a, s + n − L) to e, L = ``eval.seq_len`` (no
+context from earlier documents): the context a full chunk gets, the last chunk's included — a
+window of the L tokens before b would start where the next BOS, a future token, says (the future
+probe caught that: 1.0e-4 nats in pr2135 scaled down). Its logits are emitted — the runner
 records their NLL — and, unless it is the document's last chunk, one AdamW step is taken on the
 chunk's mean loss. Only the adapters learn: y ← y + (α/r)·(x·Aᵀ)·Bᵀ on the Linears of the
 ``targets`` (q, k, v, o: attention projections; mlp: its up and down projections; head: the
@@ -228,7 +231,9 @@ class LoRATTT(Technique):
     @hook
     def probe_points(self, stream: Tensor, seq_len: int) -> list[int]:
         """Inside the first document long enough: the first position of its second chunk (after
-        one step) and the middle of its third; and the first position of the second batch."""
+        one step) and the middle of its third; the middle of the last chunk of the first document
+        longer than the window (where the document ends is a future token: it must not set that
+        chunk's context); and the first position of the second batch."""
         p = self.params
         docs = document_spans(stream, p.bos_id)
         out = []
@@ -236,6 +241,11 @@ class LoRATTT(Technique):
             chunks = self.chunks(a, b)
             if len(chunks) >= 3:
                 out += [chunks[1][0], (chunks[2][0] + chunks[2][1]) // 2]
+                break
+        for a, b in docs:
+            s, e = self.chunks(a, b)[-1]
+            if b - a > seq_len and e - s >= 2:
+                out.append((s + e) // 2)
                 break
         if len(docs) > p.docs_per_batch:
             out.append(docs[p.docs_per_batch][0])
@@ -271,6 +281,11 @@ class LoRATTT(Technique):
     def chunks(self, a: int, b: int) -> list[tuple[int, int]]:
         """The chunks [s, e) of the document spanning positions [a, b)."""
         return document_chunks(a, b, self.params.chunk_tokens, self.params.short_chunks)
+
+    def chunk_window_end(self, a: int, s: int) -> int:
+        """Where the chunk starting at ``s`` of the document starting at ``a`` would end if the
+        document went on: its window is the L tokens up to there, whatever the document's end."""
+        return s + chunk_size(s - a, self.params.chunk_tokens, self.params.short_chunks)
 
     def batches_per_rank(self, n_docs: int, world_size: int) -> int:
         """Batches of the rank with the most documents (every rank steps through as many)."""
@@ -334,7 +349,10 @@ class LoRATTT(Technique):
             spans = []
             for j in act:
                 s, e = plans[j][c]
-                spans.append((s, e, max(batch[j][0], e - seq_len)))
+                # the window of the chunk's nominal end, not of e: where a document's last chunk
+                # ends is where the next BOS is, a future token
+                w0 = max(batch[j][0], self.chunk_window_end(batch[j][0], s) - seq_len, e - seq_len)
+                spans.append((s, e, w0))
             width = max(e - w0 for _, e, w0 in spans)
             x = torch.zeros(len(act), width, dtype=torch.int64)
             for i, (_, e, w0) in enumerate(spans):

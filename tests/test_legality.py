@@ -29,7 +29,7 @@ from pgolf.registry.run.legality import (
 )
 from pgolf.registry.run.provenance import Provenance, document_hashes, fingerprint, overlap
 from pgolf.registry.run.runtime import Runtime
-from pgolf.techniques.lora_ttt import LoRATTT
+from pgolf.techniques.lora_ttt import LoRATTT, document_spans
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None, compile=False, attention="sdpa")
 V = 64
@@ -207,6 +207,26 @@ def test_chunk_sizes_from_the_total_document_length_read_the_future() -> None:
     cuts = tuple(s + 5 for s in starts[:4])
     future, _ = run_probes(fresh, stream, cuts)
     assert future.passed is False, future.message
+
+
+def test_a_documents_last_chunk_gets_the_context_of_a_full_chunk_whatever_its_end() -> None:
+    """A document's last chunk ends at the next BOS, a future token: its window must not start
+    L tokens before that end (it would move with the BOS; pr2135 scaled down on the embedded
+    corpus was flagged for it, 1.0e-4 nats at position 142 of its first document), but where a
+    full chunk's would: the probe cut just before the BOS sees no change."""
+    stream = docs_stream()
+    fresh = factory(LEGAL["lora_ttt"])
+    lora = fresh().techniques[0]
+    # a document longer than the window whose last chunk the BOS cuts short: its window start
+    # moved with the BOS before the fix
+    a, b = next((a, b) for a, b in document_spans(stream, BOS)
+                if b - a > 16 and lora.chunk_window_end(a, lora.chunks(a, b)[-1][0]) > b)  # fmt: skip
+    s, _ = lora.chunks(a, b)[-1]
+    assert max(a, b - 16) < lora.chunk_window_end(a, s) - 16  # the old window started where b says
+    future, _ = run_probes(fresh, stream, (b - 1,))
+    assert b - 1 in future.details["cuts"]
+    assert future.passed is True, future.message
+    assert lora.call("probe_points", n_targets=stream.numel() - 1, seq_len=16, stream=stream)
 
 
 def test_the_runner_records_every_unnormalised_emit_without_stopping() -> None:

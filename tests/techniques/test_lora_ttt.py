@@ -13,7 +13,7 @@ from runs import CPU, one_byte_lut
 from pgolf.registry import Ctx, Kind, Role
 from pgolf.registry.api.roles import param_infos
 from pgolf.registry.run.evaluate import evaluate
-from pgolf.techniques.lora_ttt import LoRAAdapter, document_chunks, document_spans
+from pgolf.techniques.lora_ttt import LoRAAdapter, chunk_size, document_chunks, document_spans
 from pgolf.techniques.phased_ttt import pause_batches
 
 V = 64
@@ -92,7 +92,7 @@ def test_without_learning_it_is_document_isolated_chunked_scoring() -> None:
     want = torch.empty(stream.numel() - 1)
     for a, e_doc in document_spans(stream, 1):
         for s, e in document_chunks(a, e_doc, 8, [(8, 4)]):
-            w0 = max(a, e - 16)
+            w0 = max(a, s + chunk_size(s - a, 8, [(8, 4)]) - 16)  # a full chunk's window, whatever e
             with torch.no_grad():
                 logits = plain.model.logits(stream[w0:e][None])[0]
             want[s:e] = F.cross_entropy(logits[s - w0 : e - w0], stream[s + 1 : e + 1], reduction="none")
