@@ -181,6 +181,63 @@ def test_a_scorer_that_reads_ahead_is_caught_at_an_earlier_position() -> None:
     assert f"position {future.details['position']}" in future.message
 
 
+class BatchVariant(Technique):
+    """Scores documents two at a time, each in 16-token windows, all windows of the pair in one
+    forward: how many rows that forward has depends on where the pair's documents end, which may
+    be after the cut. The forward rounds as a batch-variant kernel does (its products scaled by a
+    factor of the row count and back, exact in real arithmetic), and the scorer adds ~1e-3 nats
+    from the lowest bits of its logits, as test-time training amplifies rounding. ``leak``: each
+    window's logits also lean by the token after it (a future token, ~1e-2 nats)."""
+
+    leak = False
+
+    @hook
+    def score(self, model: Any, stream: torch.Tensor, runtime: Any) -> Iterator[Emit]:
+        docs = document_spans(stream, BOS)
+        for i in range(0, len(docs), 2):
+            rows = [(s, min(s + 16, b)) for a, b in docs[i : i + 2] for s in range(a, b, 16)]
+            x = torch.zeros(len(rows), max(e - s for s, e in rows), dtype=torch.int64)
+            for r, (s, e) in enumerate(rows):
+                x[r, : e - s] = stream[s:e]
+            with torch.no_grad():
+                logits = model.logits(x).float()
+            scale = 1.0 + len(rows) / 7  # the rounding of a kernel chosen by the batch shape
+            logits = logits * scale / scale
+            logits = logits + 2e-3 * torch.frac(logits * 2.0**22)  # the lowest bits, amplified
+            for r, (s, e) in enumerate(rows):
+                bonus = 0.1 * float(stream[e]) / V if self.leak else 0.0  # the token after the window
+                yield Emit(s, logits[r, : e - s] + bonus * torch.arange(V) / V)
+
+
+def _batch_variant(leak: bool) -> Callable[[], Any]:
+    Registry().add("batch_variant", BatchVariant)
+    base = factory({})
+
+    def fresh() -> Any:
+        b = base()
+        scorer = BatchVariant(BatchVariant.Params(), None)  # type: ignore[arg-type]
+        scorer.leak = leak
+        b.sites = Dispatcher([scorer])
+        return b
+
+    return fresh
+
+
+def test_rounding_that_follows_the_batch_shape_is_noise_and_a_leak_is_not() -> None:
+    """A causal scorer whose batches hold documents after the cut computes in other shapes when
+    the tokens after the cut change, and rounds differently (here ~1e-3 nats): a rerun of the
+    unchanged stream is bitwise the same (noise 0), the nudged weights show the rounding noise, and
+    the probe passes; the same scorer reading the future (~1e-2 nats) is still caught."""
+    stream = docs_stream()
+    future, _ = run_probes(_batch_variant(leak=False), stream)
+    assert future.passed is True, future.message
+    assert future.details["rerun_noise"] == 0.0 < future.details["rounding_noise"] < 0.01
+    assert "beyond 4 × the float noise of the unchanged stream" in future.message
+    leaky, _ = run_probes(_batch_variant(leak=True), stream)
+    assert leaky.passed is False, leaky.message
+    assert leaky.details["change"] > 4 * leaky.details["noise"]
+
+
 class ChunksByLength(LoRATTT):
     """The records' short-document rule: the chunk size from the document's total length."""
 
