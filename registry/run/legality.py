@@ -13,8 +13,9 @@ reloaded artifact, and names the position where it fails:
   scored again up to k, and nothing may move: the NLL of every position < k (same targets) within
   :data:`FUTURE_TOLERANCE` nats, and position k's whole distribution within a total variation of
   :data:`FUTURE_TOLERANCE`. A transform or scorer that reads the token it predicts, or a later one,
-  moves them. A change of more than that but less than :data:`NOISE_CHECK_BELOW` is weighed against
-  float noise (:data:`NOISE_FACTOR`): the unchanged stream is scored again as it was (run-to-run
+  moves them. A largest change (over the positions ≤ k) of more than that but less than
+  :data:`NOISE_CHECK_BELOW` is weighed against the largest change float noise makes
+  (:data:`NOISE_FACTOR`): the unchanged stream is scored again as it was (run-to-run
   noise: GPU kernels that are not bitwise deterministic) and with every weight nudged by one machine
   epsilon (rounding noise, :func:`nudged`: a pass over the changed stream may compute in other
   shapes — a scorer batches by documents, and the changed tokens move document boundaries — and
@@ -54,7 +55,11 @@ from .provenance import MAX_OVERLAP_SHARE, Provenance
 from .runtime import Runtime, seed_everything
 
 FUTURE_TOLERANCE = 1e-4
-"""Largest change (nats; total variation at the cut) the future probe accepts (float noise)."""
+"""Largest change (nats; total variation at the cut) the future probe accepts (float noise). It is
+not the smallest leak caught: lora_ttt's last-chunk window, which read where the document ends
+(now fixed), moved a score of pr2135 scaled down by 1.45e-4 nats in float64 — 5.2e-5 in float32
+with docs_per_batch 1 (passed), 1.02e-4 with 4 (flagged); there causal scoring moves nothing in
+float32 on CPU and a nudge of the weights (:func:`nudged`) about 5e-7."""
 NORMALISATION_TOLERANCE = 1e-4
 """Largest |Σp − 1| the normalisation probe accepts at a sampled position."""
 NORMALISATION_SAMPLES = 64
