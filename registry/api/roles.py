@@ -13,7 +13,8 @@ matrix      matrix optimizer (Muon)           quantized (the quantizer whose sco
 embedding   Adam(W), tied/untied embed lr     quantized
 head        Adam(W), ``optim.head_lr``        quantized
 gate        Adam(W), ``optim.scalar_lr``      quantized when large, else float passthrough
-scalar      Adam(W), ``optim.scalar_lr``      fp32 passthrough (control tensors)
+scalar      Adam(W), ``optim.scalar_lr``      fp32 (control tensors), unless a quantizer that
+                                              sets ``quantizes_control`` claims them
 adapter     none (evaluation-time only)       never exported (LoRA adapters of TTT)
 ==========  ================================  =================================================
 

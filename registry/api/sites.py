@@ -196,8 +196,8 @@ SITES: dict[str, Site] = {
         _site("float_state", "export", CHAIN, "-", "the float state before quantization (pruning)",
               ("float_state", ("state", "infos"), "fn -> state (name -> tensor)", None)),
         _site("quantizer", "export", SLOT_PER_TENSOR,
-              "int8_rowwise for every tensor no other quantizer claims; small tensors and control "
-              "tensors are float passthrough",
+              "int8_rowwise for every tensor no other quantizer claims; small tensors are float "
+              "passthrough, control tensors fp32 unless a quantizer with quantizes_control claims them",
               "how one tensor is stored",
               ("claims", ("info",), "whether it quantizes this tensor (ParamInfo)", None),
               ("quantize", ("name", "tensor", "info"), "dict of tensors to store", None),
@@ -325,13 +325,6 @@ class Dispatcher:
         if len(found) > 1:
             raise conflict(site, [t.name for t in found])
         return found[0] if found else None
-
-    def claimant(self, info: Any, default: Technique | None) -> Technique | None:
-        """The quantizer that claims a tensor (``default`` when none does); two is an error."""
-        got = [t for t in self.implementers("claims") if t is not default and t.call("claims", info=info)]
-        if len(got) > 1:
-            raise conflict("quantizer", [t.name for t in got], f"tensor {info.name} (kind {info.kind.value})")
-        return got[0] if got else default
 
 
 def conflict(site: str, names: Sequence[str], where: str = "") -> SiteConflict:

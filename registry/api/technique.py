@@ -125,6 +125,9 @@ class Technique:
     ``size_cap()``   the model bytes its export step guarantees not to exceed, whatever the
                      trained codes (selective pruning's ``target_bytes``), or None: the size
                      estimate's allowance for calibration-dependent codes stops there.
+    ``quantizes_control``  a quantizer that may store control tensors (role ``scalar``): only such
+                     a quantizer is asked whether it claims one; every other quantizer, whatever
+                     its scope (``all`` included), never sees them, and an unclaimed one stays fp32.
     ``contract_params``  params the generated contract and end-to-end tests use, for
                      techniques whose defaults (sized for the records' 11 × 512 models) do not
                      fit 2–4-layer test models (e.g. a loop over layers 3–5); defaults are still
@@ -145,6 +148,7 @@ class Technique:
     gain_at_end: ClassVar[bool] = False
     size_estimate_note: ClassVar[str] = ""
     size_estimate_high: ClassVar[float] = 0.0
+    quantizes_control: ClassVar[bool] = False
     contract_params: ClassVar[dict[str, Any]] = {}
     hooks: ClassVar[dict[str, tuple[str, ...]]] = {}  # hook name -> argument names it takes
     origin: ClassVar[str] = ""  # where it was registered from (module or plugin)

@@ -7,8 +7,10 @@ The framework owns the tensor loop, passthrough and the format; techniques fill 
 * ``float_state`` chain: the float state before quantization (magnitude pruning), each step on
   the previous step's output;
 * ``quantizer`` slot per tensor: a technique claims tensors by role/kind (its ``scope``); the
-  default ``int8_rowwise`` takes every large tensor nobody claims. Tensors no quantizer takes are
-  float passthrough: non-float tensors as they are, control tensors (role ``scalar``) in fp32,
+  default ``int8_rowwise`` takes every large tensor nobody claims. Control tensors (role
+  ``scalar``) are offered only to quantizers that declare ``quantizes_control``
+  (``passthrough_int8``), never to a scope such as ``all`` (:func:`quantizer_of`). Tensors no
+  quantizer takes are float passthrough: non-float tensors as they are, control tensors in fp32,
   small tensors (≤ ``export.passthrough_max_numel`` elements) in ``export.passthrough_dtype``, or
   fp32 where a value would not be representable there;
 * ``post_quant`` chain on the packed state (LQER, ±1 pruning), undone by ``post_dequantize``;
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from ..api.config import ExportConfig
 from ..api.errors import PgolfError, RunFailed
 from ..api.roles import Kind, ParamInfo, Role, param_infos
-from ..api.sites import DEFAULT_FILLERS, Dispatcher
+from ..api.sites import DEFAULT_FILLERS, Dispatcher, conflict
 from ..api.technique import Technique
 
 ARTIFACT_NAME = "model.ptz"
@@ -73,6 +75,27 @@ def export_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, ParamIn
 def default_quantizer(sites: Dispatcher) -> Technique | None:
     name = DEFAULT_FILLERS["quantizer"]
     return next((t for t in sites.techniques if t.name == name), None)
+
+
+def quantizer_of(info: ParamInfo, sites: Dispatcher, cfg: ExportConfig) -> Technique | None:
+    """The quantizer that stores a float tensor, or None for float passthrough: the export's rule,
+    which ``pgolf check`` reports. A control tensor (role ``scalar``) is offered only to quantizers
+    that set ``quantizes_control`` (a scope such as ``all`` never reaches it) and is fp32 unless one
+    claims it; any other tensor goes to the quantizer whose scope claims it, else to the default
+    ``int8_rowwise`` when it has more than ``export.passthrough_max_numel`` elements. Two claiming
+    one tensor is a :class:`SiteConflict`."""
+    default = default_quantizer(sites)
+    control = info.role == Role.SCALAR
+    got = [
+        t
+        for t in sites.implementers("claims")
+        if t is not default and t.quantizes_control >= control and t.call("claims", info=info)
+    ]
+    if len(got) > 1:
+        raise conflict("quantizer", [t.name for t in got], f"tensor {info.name} (kind {info.kind.value})")
+    return (
+        got[0] if got else None if control or math.prod(info.shape) <= cfg.passthrough_max_numel else default
+    )
 
 
 def float_cast(t: Tensor, dtype: str) -> Tensor:
@@ -107,7 +130,6 @@ def quantize_tensors(
 ) -> dict[str, Any]:
     """The packed state before the post-quantization chain: one entry per tensor, quantized by
     the quantizer that claims it, or float passthrough."""
-    default = default_quantizer(sites)
     tensors: dict[str, Any] = {}
     for name, t in fstate.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -115,9 +137,8 @@ def quantize_tensors(
                 f"tensor {name} holds NaN or inf values (non-finite weights); refusing to export it"
             )
         info = infos.get(name)
-        q = sites.claimant(info, default) if info is not None and t.is_floating_point() else None
-        small = t.numel() <= cfg.passthrough_max_numel
-        if q is None or info is None or info.role == Role.SCALAR or (q is default and small):
+        q = quantizer_of(info, sites, cfg) if info is not None and t.is_floating_point() else None
+        if q is None:
             entry = _float_entry(name, t, info, cfg)
         else:
             entry = {"q": q.name, "data": dict(q.call("quantize", name=name, tensor=t, info=info))}

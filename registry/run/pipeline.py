@@ -42,10 +42,10 @@ from .export import (
     ARTIFACT_NAME,
     Export,
     atomic_write,
-    default_quantizer,
     export_model,
     load_artifact,
     load_into,
+    quantizer_of,
     stored_bits,
     verify_export,
 )
@@ -264,13 +264,10 @@ def dry_build(rs: ResolvedStack) -> DryBuild:
     meta = torch.device("meta")
     b = build(rs, meta)
     infos = {n: i for n, i in param_infos(b.model).items() if i.role != Role.ADAPTER}
-    default = default_quantizer(b.sites)
     quantizers: dict[str, str] = {}
     for name, info in infos.items():
-        q = b.sites.claimant(info, default)
-        small = info.numel <= rs.stack.export.passthrough_max_numel
-        keep = q is None or info.role == Role.SCALAR or (q is default and small)
-        quantizers[name] = "float" if keep else q.name  # type: ignore[union-attr]
+        q = quantizer_of(info, b.sites, rs.stack.export)
+        quantizers[name] = "float" if q is None else q.name
     runtime = Runtime(device=meta, autocast_dtype=None, compile=False, attention="sdpa")
     with torch.device("meta"):
         trainer = Trainer(b.model, b.sites, rs.stack, runtime, None)  # type: ignore[arg-type]
