@@ -5,7 +5,7 @@ What: the tensors it claims are those of at most ``max_numel`` elements that are
 tensors (role ``scalar``: ``attn_scale``, ``mlp_scale``, ``resid_mix``, the U-Net ``skip_weights``,
 ``gated_skips``' gates and scales, SmearGate's weights, …; when ``control``) or of a kind or role in
 ``scope`` (default ``[other, gate]``: BigramHash's and the value embeddings' projections, kind
-``other``; ``gated_attention``'s per-head gate weights, kind ``gate``), and at least ``min_numel``.
+``other``; ``gated_attention``'s per-head gate weights, kind ``gate``).
 
 * Control tensors, and claimed tensors that are not 2-D: one scale for the whole tensor,
   s = max|w|/127 kept in fp32, q = clamp(round(w/s), −127, 127) in int8 (``int8_rowwise``'s
@@ -59,7 +59,7 @@ and the numbers below). MEASURED
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from pgolf.registry import ParamInfo, Params, Role, Technique, Tensors, TensorScope, hook, register
@@ -78,17 +78,6 @@ class PassthroughInt8Params(Params):
     max_numel: int = Field(
         65_536, ge=1, description="claims only tensors of at most this many elements (the GPTQ threshold)"
     )
-    min_numel: int = Field(
-        32, ge=1, description="nor tensors below this many elements (int8 codes do not pay for their scale)"
-    )
-
-    @model_validator(mode="after")
-    def _sizes(self) -> PassthroughInt8Params:
-        if self.min_numel > self.max_numel:
-            raise ValueError(
-                f"min_numel {self.min_numel} is above max_numel {self.max_numel}: it claims nothing"
-            )
-        return self
 
 
 def is_per_row(info: ParamInfo) -> bool:
@@ -133,7 +122,7 @@ class PassthroughInt8(Technique):
     @hook
     def claims(self, info: ParamInfo) -> bool:
         p = self.params
-        if info.role == Role.ADAPTER or not p.min_numel <= info.numel <= p.max_numel:
+        if info.role == Role.ADAPTER or info.numel > p.max_numel:
             return False
         return p.control if info.role == Role.SCALAR else p.scope.contains(info)
 
