@@ -22,8 +22,8 @@ or tensor per element).
 
 Why: the records keep these tensors as fp16/fp32 passthrough; trained values have random low bits
 that no codec can shrink, so 2-4 bytes per value become one (about 40 KB of the compressed
-artifact in the 11 × 512 SP8192 lineage) at no measurable loss: control tensors have a narrow
-dynamic range.
+artifact in the 11 × 512 SP8192 lineage, by the record's count). Control tensors have a narrow
+dynamic range, so 8 bits with one scale lose little.
 
 Source: parameter-golf PR #1716 (record 1.07882, 2026-04-18; SP8192 lineage of the 04-09
 record), "Path A v3 aggressive passthrough quantization": control tensors (``attn_scale``,
@@ -53,8 +53,25 @@ first — and ``lqer`` (scope ``all``) may correct a 2-D one; give either ``[mat
 leave them alone. The size estimate draws control tensors near their initial values and the
 small matrices N(0, 1), quantized by this technique as a run would.
 
-Evidence: pgolf, ``stacks/pr1716.yaml`` scaled down (see ``tests/techniques/test_passthrough_int8.py``
-and the numbers below). MEASURED
+Evidence (pgolf, CPU, ``python bench/passthrough_int8.py bytes`` and ``… round-trip``):
+
+* Bytes, ``stacks/pr1716.yaml`` (11 × 512, SP8192) with the size estimate's stand-in weights: the
+  49 control tensors (30,822 values) take 103,056 → 24,780 bytes packed and compressed (lzma-9) as
+  the stack does, ``bigram_hash``'s 512 × 32 projection 30,232 → 17,744: −91,272 bytes in all.
+  The whole artifact (``rtn`` in ``gptq``'s place: same scope, bits and k) went 17,387,008 →
+  17,259,724 (−127,284), but lzma-9 on 17 MB moves by tens of KB with the tensors' layout alone
+  (claiming the 14 control tensors of fewer than 32 values, 102 values in all, moved it by 25 KB),
+  so the tensors-alone figure is the one to trust. The submission script grows by 266 bytes
+  (30,467 → 30,733).
+* Round trip, the quickstart model (4 × 128, 300 CPU steps) with BigramHash 1024 × 32, SmearGate,
+  gated skips, gated attention, GPTQ int6 / int8 embedding, lzma-9: one set of trained weights
+  exported each way and scored from the artifact read back: val_bpb 1.779458 → 1.779711 (+0.00025;
+  control tensors alone +0.00024, the small matrices alone +0.00002); model bytes 356,892 →
+  346,464 (−10,428; code +243). Largest relative RMS error of an int8 tensor 0.79 % (an
+  ``mlp_scale`` whose largest value is 3.4 × its RMS); small matrices ≤ 0.54 %. One control tensor
+  at a time the change is of either sign (−0.00008 … +0.00014); storing the 2-D control tensors
+  (``resid_mix``, skip gates and scales) per row instead measured −0.00003 instead of +0.00016 —
+  not offered, as it is not the record's rule and single tensors move val_bpb as much.
 """
 
 from __future__ import annotations
