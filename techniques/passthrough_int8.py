@@ -55,14 +55,15 @@ small matrices N(0, 1), quantized by this technique as a run would.
 
 Evidence (pgolf, CPU, ``python bench/passthrough_int8.py bytes`` and ``… round-trip``):
 
-* Bytes, ``stacks/pr1716.yaml`` (11 × 512, SP8192) with the size estimate's stand-in weights: the
-  49 control tensors (30,822 values) take 103,056 → 24,780 bytes packed and compressed (lzma-9) as
-  the stack does, ``bigram_hash``'s 512 × 32 projection 30,232 → 17,744: −91,272 bytes in all.
-  The whole artifact (``rtn`` in ``gptq``'s place: same scope, bits and k) went 17,387,008 →
+* Bytes, ``stacks/pr1716.yaml`` (11 × 512, SP8192; byte shuffle + brotli-11) with the size
+  estimate's stand-in weights: the 49 control tensors (30,822 values) take 99,330 → 25,580 bytes
+  packed and compressed as the stack does, ``bigram_hash``'s 512 × 32 projection and the 11
+  attention output gates (8 × 12) 31,117 → 19,989: −86,378 bytes in all; the submission script
+  grows by 222 bytes (32,675 → 32,897). With the stack's earlier lzma-9 codec (before its gates):
+  −91,272 bytes, and the whole artifact (``rtn`` in ``gptq``'s place: same scope, bits and k) 17,387,008 →
   17,259,724 (−127,284), but lzma-9 on 17 MB moves by tens of KB with the tensors' layout alone
   (claiming the 14 control tensors of fewer than 32 values, 102 values in all, moved it by 25 KB),
-  so the tensors-alone figure is the one to trust. The submission script grows by 266 bytes
-  (30,467 → 30,733).
+  so the tensors-alone figure is the one to trust.
 * Round trip, the quickstart model (4 × 128, 300 CPU steps) with BigramHash 1024 × 32, SmearGate,
   gated skips, gated attention, GPTQ int6 / int8 embedding, lzma-9: one set of trained weights
   exported each way and scored from the artifact read back: val_bpb 1.779458 → 1.779711 (+0.00025;
