@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,125 @@ def code_counted_from_files(monkeypatch: pytest.MonkeyPatch) -> None:
         raise BundleError("the submission script is not generated in this test")
 
     monkeypatch.setattr(script, "build_script", not_generated)
+
+
+# --------------------------------------------------------------------------------------------
+# One local Ray cluster for the test session
+# --------------------------------------------------------------------------------------------
+
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ray_ports() -> list[str]:
+    """``ray start`` options that put the fixed-default ports of a node (dashboard 8265, dashboard
+    agent 52365) on free ones, so a node started by a test does not collide with the Ray of another
+    test run on the same machine (the client server's 10001 is not started: no ``ray[client]``)."""
+    return ["--dashboard-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of the session ``sid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+        if fields[0] != "Z" and int(fields[3]) == sid and int(entry) != os.getpid():
+            out.append(int(entry))
+    return out
+
+
+def end_session(sid: int, grace: float = 3.0) -> list[int]:
+    """End every process of the session ``sid`` (what a ``ray start`` run with a new session
+    started: its daemons and, as their children, its workers and agents, whose command lines Ray
+    rewrites): SIGTERM, then SIGKILL what is left after ``grace`` seconds. Returns the pids still
+    alive after that (none, normally)."""
+    import contextlib
+    import signal
+    import time
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        for pid in session_pids(sid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while session_pids(sid) and time.time() < deadline:
+            time.sleep(0.2)
+    return session_pids(sid)
+
+
+def start_ray_head(temp_dir: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -> tuple[str, int]:
+    """``ray start --head`` on 127.0.0.1 in a new session; returns (address, session id)."""
+    import subprocess
+    import sys
+
+    ray = Path(sys.executable).parent / "ray"
+    if not ray.is_file():
+        pytest.skip("the `ray` command is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(ray), "start", "--head", "--port", str(port), "--num-cpus", str(num_cpus), "--include-dashboard",
+         "false", "--disable-usage-stats", "--temp-dir", str(temp_dir), "--node-ip-address", "127.0.0.1",
+         *ray_ports()],
+        env={**os.environ, **RAY_ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        end_session(proc.pid)
+        raise
+    if proc.returncode != 0:
+        end_session(proc.pid)
+        raise RuntimeError(f"`ray start --head` failed ({proc.returncode}):\n{out}")
+    return f"127.0.0.1:{port}", proc.pid
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # host:port of its GCS, for --address
+    temp_dir: Path  # its --temp-dir: the logs of its processes and of every job run on it
+
+
+@pytest.fixture
+def ray_address(ray_cluster: RayCluster) -> str:
+    """The address of the test session's Ray cluster (see ``ray_cluster``)."""
+    return ray_cluster.address
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """One local Ray cluster (``ray start --head`` on 127.0.0.1, 2 CPUs) that the
+    whole test session shares: a test of what a study does, rather than of Ray's start-up on one
+    box, passes it to ``pgolf search`` / ``pgolf ablate`` with ``--address`` and so skips starting
+    and stopping a Ray of its own (~3-8 s a call on 2 cores). Started on first use; at the end
+    every process of it (workers included) is ended by its session id, and none may be left."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="pgr-", dir="/tmp"))  # short: Ray's socket paths live under it
+    sid = None
+    try:
+        address, sid = start_ray_head(tmp / "ray")
+        yield RayCluster(address, tmp / "ray")
+    finally:
+        left = end_session(sid) if sid is not None else []
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not left, f"processes of the test session's Ray cluster outlived it: {left}"

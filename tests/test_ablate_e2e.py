@@ -2,7 +2,9 @@
 stack (bigram_hash, xsa, ema, brotli) on 2 seeds, step-matched, killed with SIGKILL once two
 variants are done and resumed; the variant without brotli falls back to zlib and no longer fits,
 so it is reported and not trained. The table and the plot are written; every finished variant is
-kept once; each variant's seeds stopped at the full stack's step counts."""
+kept once; each variant's seeds stopped at the full stack's step counts. Both `pgolf ablate` calls
+join the test session's Ray cluster (conftest's ``ray_address``) instead of each starting its
+own (tests/test_search_e2e.py kills and resumes a study on its own Ray)."""
 
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def _complete(ledger: Ledger) -> dict[int, dict[str, Any]]:
     return {n: r for n, r in ledger.records().items() if r.get("state") == "complete"}
 
 
-def test_ablate_kill_resume_table_and_plot(tmp_path: Path, cache_dir: Path) -> None:
+def test_ablate_kill_resume_table_and_plot(tmp_path: Path, cache_dir: Path, ray_address: str) -> None:
     from pgolf.registry.api.config import stack_from_dict
     from pgolf.registry.run.pipeline import estimate_artifact_bytes, prepare_data
 
@@ -67,7 +69,7 @@ def test_ablate_kill_resume_table_and_plot(tmp_path: Path, cache_dir: Path) -> N
     stack.write_text(yaml.safe_dump(tiny_stack(cache_dir, limit), sort_keys=False))
     out = tmp_path / "study"
     ledger = Ledger(out / "trials.jsonl")
-    cmd = [sys.executable, "-m", "pgolf.registry.tools.cli", "ablate"]
+    cmd = [sys.executable, "-m", "pgolf.registry.tools.cli", "ablate", "--address", ray_address]
 
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(

@@ -9,48 +9,24 @@ them by this machine's interface address; the traffic stays on this machine."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import end_session, ray_ports, start_ray_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _kill_marked(mark: str) -> None:
-    """End the processes this test started: those whose command line names its temp dir."""
-    for attempt in range(2):
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if mark in cmd:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9 if attempt else 15)
-        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +39,15 @@ def cluster() -> Iterator[dict[str, Any]]:
     if probe.returncode != 0:
         pytest.skip(f"mount namespaces are not permitted here (unshare -m: {probe.stderr.decode().strip()})")
     tmp = Path(tempfile.mkdtemp(prefix="pgc-", dir="/tmp"))  # short: Ray's socket paths
-    port = _free_port()
+    sessions: list[int] = []  # each `ray start` runs in a session of its own: its processes end with it
     try:
-        subprocess.run(
-            [str(RAY), "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
-             "--disable-usage-stats", "--temp-dir", str(tmp / "ray"), "--node-ip-address", "127.0.0.1"],
-            env=ENV, check=True, capture_output=True, timeout=180,
-        )  # fmt: skip
-        yield {"address": f"127.0.0.1:{port}", "tmp": tmp}
+        address, sid = start_ray_head(tmp / "ray", env=ENV)
+        sessions.append(sid)
+        yield {"address": address, "tmp": tmp, "sessions": sessions}
     finally:
-        _kill_marked(str(tmp / "ray"))
+        left = [pid for sid in sessions for pid in end_session(sid)]
         shutil.rmtree(tmp, ignore_errors=True)
+        assert not left, f"processes of the test's Ray nodes outlived it: {left}"
 
 
 def _search(tmp: Path, cache: Path) -> Path:
@@ -118,13 +92,15 @@ def test_search_on_a_cluster_and_a_node_that_cannot_see_the_study(
 
     hidden = tmp / "hidden"
     hidden.mkdir()
-    joined = subprocess.run(
+    blind = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
          f"mount -t tmpfs none {hidden} && exec {RAY} start --address {address} --num-cpus 1 "
-         f"--temp-dir {tmp / 'ray'} --disable-usage-stats"],
-        env=ENV, capture_output=True, text=True, timeout=180,
+         f"--temp-dir {tmp / 'ray'} --disable-usage-stats {' '.join(ray_ports())}"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
-    assert joined.returncode == 0, joined.stdout + joined.stderr
+    cluster["sessions"].append(blind.pid)
+    joined, _ = blind.communicate(timeout=180)
+    assert blind.returncode == 0, joined
     study = hidden / "study"
     r = _pgolf("search", str(spec), "--address", address, "--out", str(study), cwd=tmp)
     assert r.returncode == 2, r.stdout + r.stderr
