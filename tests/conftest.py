@@ -70,6 +70,9 @@ def tiny_build(techniques: dict[str, Any], *, device: str = "cpu", seed: int = 0
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # the tests that join the session's Ray cluster (``ray_cluster``) run last, one after the
+    # other: the cluster is up only while they run, not idle under the rest of the suite
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -269,28 +272,60 @@ class RayCluster:
     temp_dir: Path  # its --temp-dir: the logs of its processes and of every job run on it
 
 
-@pytest.fixture
-def ray_address(ray_cluster: RayCluster) -> str:
-    """The address of the test session's Ray cluster (see ``ray_cluster``)."""
-    return ray_cluster.address
+class _SharedRay:
+    """The test session's Ray cluster: started for the first test that uses it, ended after the
+    last one (counted from the session's tests), so it does not idle under the rest of the suite."""
+
+    def __init__(self, users: int) -> None:
+        self.users_left = users
+        self.cluster: RayCluster | None = None
+        self._sid: int | None = None
+        self._tmp: Path | None = None
+
+    def start(self) -> RayCluster:
+        import tempfile
+
+        if self.cluster is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="pgr-", dir="/tmp"))  # short: Ray's socket paths
+            address, self._sid = start_ray_head(self._tmp / "ray")
+            self.cluster = RayCluster(address, self._tmp / "ray")
+        return self.cluster
+
+    def stop(self) -> None:
+        import shutil
+
+        left = end_session(self._sid) if self._sid is not None else []
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self.cluster, self._sid, self._tmp = None, None, None
+        assert not left, f"processes of the test session's Ray cluster outlived it: {left}"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[RayCluster]:
-    """One local Ray cluster (``ray start --head`` on 127.0.0.1, 2 CPUs) that the
-    whole test session shares: a test of what a study does, rather than of Ray's start-up on one
-    box, passes it to ``pgolf search`` / ``pgolf ablate`` with ``--address`` and so skips starting
-    and stopping a Ray of its own (~3-8 s a call on 2 cores). Started on first use; at the end
-    every process of it (workers included) is ended by its session id, and none may be left."""
-    import shutil
-    import tempfile
+def _shared_ray(request: pytest.FixtureRequest) -> Iterator[_SharedRay]:
+    shared = _SharedRay(sum("ray_cluster" in item.fixturenames for item in request.session.items))
+    yield shared
+    shared.stop()  # when the count was off (a user skipped before it asked for the cluster)
 
-    tmp = Path(tempfile.mkdtemp(prefix="pgr-", dir="/tmp"))  # short: Ray's socket paths live under it
-    sid = None
+
+@pytest.fixture
+def ray_cluster(_shared_ray: _SharedRay) -> Iterator[RayCluster]:
+    """One local Ray cluster (``ray start --head`` on 127.0.0.1, 2 CPUs) that the tests of the
+    session share: a test of what a study does, rather than of Ray's start-up on one box, passes
+    its address to ``pgolf search`` / ``pgolf ablate`` with ``--address`` and so skips starting
+    and stopping a Ray of its own (~3-8 s a call on 2 cores). Started for the first test that
+    asks for it, ended after the last (every process of it, workers included, by its session id;
+    none may be left). Only for test functions: the users are counted from the session's tests."""
+    cluster = _shared_ray.start()
     try:
-        address, sid = start_ray_head(tmp / "ray")
-        yield RayCluster(address, tmp / "ray")
+        yield cluster
     finally:
-        left = end_session(sid) if sid is not None else []
-        shutil.rmtree(tmp, ignore_errors=True)
-        assert not left, f"processes of the test session's Ray cluster outlived it: {left}"
+        _shared_ray.users_left -= 1
+        if _shared_ray.users_left <= 0:
+            _shared_ray.stop()
+
+
+@pytest.fixture
+def ray_address(ray_cluster: RayCluster) -> str:
+    """The address of the session's Ray cluster (see ``ray_cluster``)."""
+    return ray_cluster.address
