@@ -102,8 +102,10 @@ class RowGridParams(Params):
         kinds = getattr(self, "kinds", None)
         if isinstance(scope, TensorScope):
             applies, where = scope.may_claim_kind, f"the scope {scope} never claims"
+            fix = "add {key} to the scope (e.g. scope: [matrices, {key}])"
         elif kinds is not None:
             applies, where = (lambda k: k in kinds), f"kinds {[k.value for k in kinds]} never include"
+            fix = "add {key} to the kinds (e.g. kinds: [..., {key}])"
         else:
             return self
         for field in ("bits", "sdclip_k"):
@@ -112,12 +114,9 @@ class RowGridParams(Params):
                 continue
             for key in value:
                 if key != "default" and not applies(Kind(key)):
-                    target = (
-                        "scope (e.g. scope: [matrices, " if scope is not None else "kinds (e.g. kinds: [..., "
-                    )
                     raise ValueError(
-                        f"{field}.{key}: {where} {key} tensors, so this entry would do nothing; add {key} to "
-                        f"the {target}{key}]) or remove the entry"
+                        f"{field}.{key}: {where} {key} tensors, so this entry would do nothing; "
+                        f"{fix.format(key=key)} or remove the entry"
                     )
         return self
 

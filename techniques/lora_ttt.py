@@ -349,9 +349,9 @@ class LoRATTT(Technique):
             spans = []
             for j in act:
                 s, e = plans[j][c]
-                # the window of the chunk's nominal end, not of e: where a document's last chunk
-                # ends is where the next BOS is, a future token
-                w0 = max(batch[j][0], self.chunk_window_end(batch[j][0], s) - seq_len, e - seq_len)
+                # the window of the chunk's nominal end (≥ e), not of e: where a document's last
+                # chunk ends is where the next BOS is, a future token
+                w0 = max(batch[j][0], self.chunk_window_end(batch[j][0], s) - seq_len)
                 spans.append((s, e, w0))
             width = max(e - w0 for _, e, w0 in spans)
             x = torch.zeros(len(act), width, dtype=torch.int64)

@@ -138,6 +138,13 @@ class SelectivePruning(Technique):
         codes: the size estimate's allowance for them stops there (when the stand-ins reach it)."""
         return self.params.target_bytes
 
+    def size_cap_note(self, capped: bool) -> str:
+        """How many of the stand-in weights' ±1 codes the size estimate's export zeroed."""
+        pruned = self.report.get("pruned", 0)
+        if pruned:
+            return f"zeroed {pruned:,} of {self.report.get('candidates', 0):,} ±1 codes of the stand-in weights to reach"
+        return "the stand-in weights needed no pruning to reach" if capped else ""
+
     @hook
     def post_quantize(
         self,

@@ -124,7 +124,8 @@ class Technique:
                      generated size tests hold every quantizer × codec to it.
     ``size_cap()``   the model bytes its export step guarantees not to exceed, whatever the
                      trained codes (selective pruning's ``target_bytes``), or None: the size
-                     estimate's allowance for calibration-dependent codes stops there.
+                     estimate's allowance for calibration-dependent codes stops there;
+                     ``size_cap_note(capped)`` says what the step did to the stand-ins.
     ``quantizes_control``  a quantizer that may store control tensors (role ``scalar``): only such
                      a quantizer is asked whether it claims one; every other quantizer, whatever
                      its scope (``all`` included), never sees them, and an unclaimed one stays fp32.
@@ -162,6 +163,12 @@ class Technique:
         """Model bytes this technique's export step guarantees not to exceed (None: no such
         guarantee). The size estimate caps its allowance for calibration-dependent codes there."""
         return None
+
+    def size_cap_note(self, capped: bool) -> str:
+        """What the export step did to the size estimate's stand-in weights to stay within
+        :meth:`size_cap`, as the start of a sentence ending "… its N-byte target"; ``capped``: the
+        cap cut the allowance. "" when there is nothing to say."""
+        return "the stand-in weights stayed within" if capped else ""
 
     def log(self, message: str) -> None:
         """A line in the run's log (``run.log`` and the console), prefixed with the technique's

@@ -89,13 +89,13 @@ def quantizer_of(info: ParamInfo, sites: Dispatcher, cfg: ExportConfig) -> Techn
     got = [
         t
         for t in sites.implementers("claims")
-        if t is not default and t.quantizes_control >= control and t.call("claims", info=info)
+        if t is not default and (t.quantizes_control or not control) and t.call("claims", info=info)
     ]
     if len(got) > 1:
         raise conflict("quantizer", [t.name for t in got], f"tensor {info.name} (kind {info.kind.value})")
-    return (
-        got[0] if got else None if control or math.prod(info.shape) <= cfg.passthrough_max_numel else default
-    )
+    if got:
+        return got[0]
+    return None if control or info.numel <= cfg.passthrough_max_numel else default
 
 
 def float_cast(t: Tensor, dtype: str) -> Tensor:

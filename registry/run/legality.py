@@ -440,7 +440,8 @@ def _future(
         kw_k = _batching(kw, k) if per_cut else kw
         got = scoring_pass(fresh, changed, runtime, until=k, keep=[k], last=k == cuts[-1], **kw_k)
         details["positions_scored"] += k + 1
-        largest = _largest_change(got, base, k)
+        changes = _changes(got, base, k)
+        largest = _largest(changes)
         if largest <= FUTURE_TOLERANCE:
             continue
         allowed = FUTURE_TOLERANCE
@@ -448,16 +449,15 @@ def _future(
             again = scoring_pass(fresh, stream, runtime, until=k, keep=[k], **kw_k)
             nudge = scoring_pass(nudged(fresh, seed + k), stream, runtime, until=k, keep=[k], **kw_k)
             details["positions_scored"] += 2 * (k + 1)
-            rerun, rounding = _largest_change(again, base, k), _largest_change(nudge, base, k)
+            rerun, rounding = _largest(_changes(again, base, k)), _largest(_changes(nudge, base, k))
             details["rerun_noise"] = max(details.get("rerun_noise", 0.0), rerun)
             details["rounding_noise"] = max(details.get("rounding_noise", 0.0), rounding)
             details["noise"] = max(details.get("noise", 0.0), rerun, rounding)
             allowed = max(allowed, NOISE_FACTOR * max(rerun, rounding))
             if largest <= allowed:
                 continue
-        p, change = _moved(got, base, k, allowed)
-        if p is None:
-            continue
+        p = int(torch.nonzero(~(changes <= allowed))[0])  # the first that moved (a NaN did)
+        change = float(changes[p])
         if p < k:
             return ProbeResult(
                 "future",
@@ -504,25 +504,16 @@ def _allowed(allowed: float) -> str:
     return f"{allowed:.3g}: {NOISE_FACTOR:g} × the float noise of the unchanged stream"
 
 
-def _largest_change(got: Pass, base: Pass, k: int) -> float:
-    """The largest change between two passes: NLL in nats before k, total variation at k (inf for
-    a NaN)."""
-    diff = (got.nll[:k] - base.nll[:k]).abs().nan_to_num(nan=math.inf)
-    tv = total_variation(got.rows[k], base.rows[k])
-    return max(float(diff.max()) if diff.numel() else 0.0, math.inf if math.isnan(tv) else tv)
-
-
-def _moved(got: Pass, base: Pass, k: int, tolerance: float = FUTURE_TOLERANCE) -> tuple[int | None, float]:
-    """(first position ≤ k that moved by more than ``tolerance``, its change) between two passes:
-    NLL in nats before k, total variation at k; (None, largest change) when none did."""
+def _changes(got: Pass, base: Pass, k: int) -> Tensor:
+    """The change at each position ≤ k between two passes (k + 1 values): |ΔNLL| in nats before k,
+    the total variation at k; NaN where a pass has one."""
     diff = (got.nll[:k] - base.nll[:k]).abs()
-    bad = torch.nonzero(~(diff <= tolerance)).flatten()
-    if bad.numel():
-        return int(bad[0]), float(diff[int(bad[0])])
-    tv = total_variation(got.rows[k], base.rows[k])
-    if not tv <= tolerance:
-        return k, tv
-    return None, max(float(diff.max()) if diff.numel() else 0.0, tv)
+    return torch.cat([diff, diff.new_tensor([total_variation(got.rows[k], base.rows[k])])])
+
+
+def _largest(changes: Tensor) -> float:
+    """The largest of :func:`_changes` (inf for a NaN)."""
+    return float(changes.nan_to_num(nan=math.inf).max())
 
 
 def _normalisation(

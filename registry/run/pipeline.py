@@ -381,15 +381,8 @@ def estimate_artifact_bytes(
             # the export enforces the cap on the trained codes too: the allowance stops there
             capped = allowance > cap - len(ex.blob)
             allowance = min(allowance, cap - len(ex.blob))
-            report = getattr(capper, "report", {})
-            pruned = report.get("pruned", 0)
-            if pruned or capped:
-                what = (
-                    f"zeroed {pruned:,} of {report.get('candidates', 0):,} ±1 codes of the stand-in weights to "
-                    "reach"
-                    if pruned
-                    else "the stand-in weights needed no pruning to reach"
-                )
+            what = capper.size_cap_note(capped)
+            if what:
                 notes.append(
                     f"{capper.name}: {what} its {cap:,}-byte target (trained codes may need more or fewer); the "
                     "allowance for calibration-dependent codes stops at the target, which the export enforces"
